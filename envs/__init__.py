@@ -1,0 +1,1 @@
+"""Pure-JAX memory environments and dm_env adapters."""
