@@ -6,7 +6,7 @@
   progress lines (host floats; the trainer reports sums, not means).
 * `format_progress` turns one `Progress` record into a compact line, e.g.
   `[  12.3s] it 40  steps 25.6k (2.1k/s)  return 0.43  success 71%  kl 0.021
-  eta 0.84  alpha 4.9  eta_rem 1m02s` (a pure function).
+  eta 0.84  alpha 4.9  left 1m02s` (a pure function).
 * `MetricsWriter` appends one row per progress line to `logdir/metrics.csv` and
   writes the same scalars as TensorBoard events in `logdir`.
 """
@@ -125,7 +125,7 @@ def format_progress(progress: Progress) -> str:
     value = getattr(progress, name)
     if not math.isnan(value):
       parts.append(f"{name} {format_value(value)}")
-  parts.append(f"eta_rem {format_duration(progress.remaining_s)}")
+  parts.append(f"left {format_duration(progress.remaining_s)}")
   return f"[{format_duration(progress.elapsed_s):>7}] " + "  ".join(parts)
 
 

@@ -122,6 +122,9 @@ class Trainer:
   state's buffers are donated: use only the returned state); `collect(state)
   -> (state, segment)` runs the rollout alone (for inspection and tests);
   `evaluate(state, seed, num_episodes)` plays greedy episodes on fresh seeds.
+  `phases` holds the iteration's parts as separate pmapped functions, for
+  profiling: 'rollout' (state -> (state, segment)), 'learner_update'
+  ((state, segment) -> state) and, for ald, 'distillation' (state -> state).
   States and segments carry a leading device axis.
   """
   config: Config
@@ -133,6 +136,7 @@ class Trainer:
   train_iteration: Callable[[TrainState], Tuple[TrainState, Dict[str, jax.Array]]]
   collect: Callable[[TrainState], Tuple[TrainState, Segment]]
   evaluate: Callable[..., Dict[str, float]]
+  phases: Dict[str, Callable[..., Any]]
 
   def to_host(self, state: TrainState) -> Any:
     """numpy copy of the state (with its leading device axis)."""
@@ -576,7 +580,16 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
             "eval_success_rate": float(np.mean(success)),
             "eval_episodes": int(num_episodes)}
 
+  collect = jax.pmap(rollout, axis_name=AXIS)
+  phases = {
+      "rollout": collect,
+      "learner_update": jax.pmap(lambda state, segment: rl_update(
+          state, segment)[0], axis_name=AXIS),
+  }
+  if roles.distill:
+    phases["distillation"] = jax.pmap(
+        lambda state: distill(state, state.rng)[0], axis_name=AXIS)
   return Trainer(config=config, env=env, num_devices=num_devices,
                  env_steps_per_iteration=config.env_steps_per_iteration,
                  models=models, init=init, train_iteration=train_iteration,
-                 collect=jax.pmap(rollout, axis_name=AXIS), evaluate=evaluate)
+                 collect=collect, evaluate=evaluate, phases=phases)

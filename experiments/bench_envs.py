@@ -12,7 +12,6 @@ over `--repeats` timed calls (after one warm-up), each ended by
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from envs import api  # pylint: disable=g-import-not-at-top
 from envs import registry  # pylint: disable=g-import-not-at-top
+from experiments import bench_utils  # pylint: disable=g-import-not-at-top
 
 _ENVS = flags.DEFINE_list("envs", ["recall", "imaze", "metafetch"],
                           "Environments to benchmark (registry names).")
@@ -75,21 +75,6 @@ def benchmark(env: api.Environment, num_envs: int, num_steps: int,
   return compile_s, num_envs * num_steps / statistics.median(durations)
 
 
-def machine_description() -> str:
-  cpu = platform.processor() or "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-  return (f"CPU: {cpu}; {os.cpu_count()} cores; jax {jax.__version__}; "
-          f"backend {jax.default_backend()} ({devices})")
-
-
 def main(argv):
   del argv
   num_steps, repeats = _NUM_STEPS.value, _REPEATS.value
@@ -100,7 +85,7 @@ def main(argv):
   if num_steps < 1 or repeats < 1 or min(batch_sizes) < 1:
     raise app.UsageError("num_steps, repeats and num_envs must be >= 1")
   envs = {name: registry.make(name) for name in _ENVS.value}
-  print(machine_description())
+  print(bench_utils.machine_description())
   print(f"{num_steps} steps per call, median of {repeats} calls\n")
   print("| env | num_envs | compile s | steps/s |")
   print("|---|---:|---:|---:|")

@@ -250,7 +250,7 @@ def test_format_progress_matches_the_documented_line():
       mean_return=0.43, success_rate=0.71, kl=0.021, eta=0.84, alpha=4.9,
       remaining_s=62))
   assert line == ("[  12.3s] it 40  steps 25.6k (2.1k/s)  return 0.43  "
-                  "success 71%  kl 0.021  eta 0.84  alpha 4.9  eta_rem 1m02s")
+                  "success 71%  kl 0.021  eta 0.84  alpha 4.9  left 1m02s")
 
 
 def test_format_progress_leaves_out_nan_fields():
@@ -258,7 +258,7 @@ def test_format_progress_leaves_out_nan_fields():
       elapsed_s=3725, iteration=1, env_steps=640, env_steps_per_s=64,
       mean_return=math.nan, success_rate=math.nan, kl=math.nan, eta=math.nan,
       alpha=math.nan, remaining_s=math.inf))
-  assert line == "[  1h02m] it 1  steps 640 (64/s)  return -  eta_rem ?"
+  assert line == "[  1h02m] it 1  steps 640 (64/s)  return -  left ?"
 
 
 @pytest.mark.parametrize("count, text", [

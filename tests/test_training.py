@@ -1,4 +1,7 @@
 """Tests of the training system (ald_jax.training)."""
+import dataclasses
+import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -176,3 +179,35 @@ def test_agent_learns_the_recall_task(agent, iterations):
     state, metrics = trainer.train_iteration(state)
   result = trainer.evaluate(state, seed=1000, num_episodes=256)
   assert result["eval_success_rate"] >= 0.9, result
+
+
+def test_checkpoint_stop_and_resume_equals_uninterrupted_run(tmp_path):
+  """run.train for 6 iterations == 3 iterations, stop, --resume to 6."""
+  spec = importlib.util.spec_from_file_location(
+      "ald_run", os.path.join(REPO, "experiments", "run.py"))
+  run = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(run)
+  base = Config(**{**TINY, "agent": "ald", "env": "recall",
+                   "env_args": "delay=2", "checkpoint_every_iterations": 3,
+                   "log_every_seconds": 1e9})
+  steps = base.env_steps_per_iteration
+  env = registry.make("recall", delay=2)
+  trainer = training.make_trainer(base, env)
+
+  def train(logdir, total_iterations, resume):
+    config = dataclasses.replace(base, logdir=str(tmp_path / logdir),
+                                 total_env_steps=total_iterations * steps,
+                                 resume=resume)
+    state, _ = run.train(config, env, trainer=trainer, stream=io.StringIO())
+    return trainer.to_host(state)
+
+  uninterrupted = train("a", 6, resume=False)
+  train("b", 3, resume=False)
+  resumed = train("b", 6, resume=True)
+  assert int(resumed.iteration[0]) == 6
+  for a, b in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  # The run did move: the resumed half changed the parameters.
+  halfway = train("c", 3, resume=False)
+  assert any(np.any(a != b) for a, b in zip(
+      jax.tree.leaves(halfway.params), jax.tree.leaves(resumed.params)))
