@@ -33,8 +33,11 @@ def make_env():
   return registry.make(FACTORY, corridor_length=L, time_limit=TIME_LIMIT)
 
 
-def rollout(env, key, actions):
-  """Jitted reset + scan of `env.step` over int32 [N] actions."""
+def rollout_fn(env):
+  """(key, int32 [N] actions) -> (FIRST time step, [N] time steps, [N] success).
+
+  A reset then a `lax.scan` of `env.step` (the trainer's pattern).
+  """
   def run(key, actions):
     state, first = env.reset(key)
     def one_step(state, action):
@@ -42,7 +45,7 @@ def rollout(env, key, actions):
       return state, (ts, env.success(state))
     _, (steps, success) = jax.lax.scan(one_step, state, actions)
     return first, steps, success
-  return jax.jit(run)(key, actions)
+  return run
 
 
 def reference_stream(first_observation, observations_after, actions):
@@ -116,7 +119,8 @@ def test_scan_matches_python_reference_with_auto_reset():
   env = make_env()
   actions = jax.random.choice(jax.random.PRNGKey(1), 3, (300,),
                               p=jnp.array([0.5, 0.25, 0.25])).astype(jnp.int32)
-  first, steps, success = rollout(env, jax.random.PRNGKey(2), actions)
+  first, steps, success = jax.jit(rollout_fn(env))(jax.random.PRNGKey(2),
+                                                   actions)
   step_type, reward, discount, obs, solved = reference_stream(
       np.asarray(first.observation), np.asarray(steps.observation),
       np.asarray(actions))
@@ -155,15 +159,16 @@ def test_vmap_matches_loop_and_jit_matches_no_jit():
   env = make_env()
   keys = jax.random.split(jax.random.PRNGKey(4), 3)
   actions = jax.random.randint(jax.random.PRNGKey(5), (3, 12), 0, 3)
-  batched = jax.vmap(lambda k, a: rollout(env, k, a))(keys, actions)
+  batched = jax.jit(jax.vmap(rollout_fn(env)))(keys, actions)
+  single_rollout = jax.jit(rollout_fn(env))
   for i in range(3):
-    single = rollout(env, keys[i], actions[i])
     jax.tree.map(lambda b, s: np.testing.assert_array_equal(b[i], s),
-                 batched, single)
-  state_jit, _ = jax.jit(env.reset)(keys[0])
+                 batched, single_rollout(keys[i], actions[i]))
+  reset_jit, step_jit = jax.jit(env.reset), jax.jit(env.step)
+  state_jit, _ = reset_jit(keys[0])
   state, _ = env.reset(keys[0])
   for action in actions[0, :6]:
-    state_jit, ts_jit = jax.jit(env.step)(state_jit, action)
+    state_jit, ts_jit = step_jit(state_jit, action)
     state, ts = env.step(state, action)
     jax.tree.map(np.testing.assert_array_equal, (state_jit, ts_jit),
                  (state, ts))
@@ -234,8 +239,7 @@ def test_run_py_trains_on_the_custom_env(tmp_path):
   logdir = tmp_path / "run"
   flags = [f"--{k}={v}" for k, v in TINY.items() if not k.startswith("gtrxl")]
   result = _run_py(flags + ["--agent=lstm", "--total_env_steps=48",
-                            "--eval_episodes=4", f"--logdir={logdir}"],
-                   tmp_path)
+                            "--eval_episodes=4", f"--logdir={logdir}"])
   assert result.returncode == 0, result.stdout + result.stderr
   with open(logdir / "metrics.csv") as f:
     rows = list(csv.DictReader(f))
