@@ -10,6 +10,7 @@ from typing import Any, Dict, Tuple
 
 AGENTS = ("lstm", "gtrxl", "asym", "ald")
 RL_LOSSES = ("vmpo", "ppo")
+DISTILL_TARGETS = ("recompute", "stored")
 BUILTIN_ENVS = ("recall", "imaze", "metafetch")
 
 
@@ -90,6 +91,12 @@ class Config:
                                 "distillation (>= 1; 1: current segment only).")
   distill_batch_envs: int = _field(0, "Segments (env rows) per distillation "
                                    "minibatch (0: num_envs of one segment).")
+  distill_targets: str = _field("recompute", "Learner targets of the "
+                                "distillation: 'recompute' (a forward pass of "
+                                "the current learner per minibatch) or 'stored' "
+                                "(the learner's outputs from its RL step, kept "
+                                "in the replay: no extra forward pass, targets "
+                                "up to replay_segments iterations old).")
   importance_weight_clip: float = _field(0.0, "Clip of pi_learner/pi_actor "
                                          "weights on the RL loss (0: off).")
 
@@ -120,6 +127,8 @@ class Config:
     need(self.agent in AGENTS, "agent", f"must be one of {', '.join(AGENTS)}")
     need(self.rl_loss in RL_LOSSES, "rl_loss",
          f"must be one of {', '.join(RL_LOSSES)}")
+    need(self.distill_targets in DISTILL_TARGETS, "distill_targets",
+         f"must be one of {', '.join(DISTILL_TARGETS)}")
     need(self.env in BUILTIN_ENVS or ":" in self.env, "env",
          f"must be one of {', '.join(BUILTIN_ENVS)} or 'package.module:factory'")
     parse_env_args(self.env_args)  # raises with the field named

@@ -69,13 +69,18 @@ _ROLES = {
 class Replay(NamedTuple):
   """The last `replay_segments` segments of this device's envs (ring buffer).
 
-  R = replay_segments, T = unroll_length, B = envs on this device.
+  R = replay_segments, T = unroll_length, B = envs on this device, A actions.
+  With `distill_targets='recompute'` the learner is re-unrolled from
+  `learner_state`; with 'stored' its outputs from the RL step are kept instead
+  (the other field is None).
   """
   observation: jax.Array    # f32 [R, T, B, O]
   start: jax.Array          # bool [R, T, B]
   mask: jax.Array           # f32 [R, T, B], 0 on LAST steps and empty slots
   actor_state: Any          # [R, B, ...] actor state at each segment's start
   learner_state: Any        # [R, B, ...] learner state at each segment's start
+  learner_logits: Optional[jax.Array]  # f32 [R, T, B, A]
+  learner_value: Optional[jax.Array]   # f32 [R, T, B]
   next_slot: jax.Array      # int32 []
 
 
@@ -216,6 +221,7 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
                                  config.max_grad_norm)
   dual_optimiser = optax.adam(config.vmpo_dual_learning_rate)
   num_actions = env.num_actions
+  stored_targets = config.distill_targets == "stored"
   T = config.unroll_length  # pylint: disable=invalid-name
 
   # ---------------------------------------------------------------- init
@@ -231,13 +237,17 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
       r = config.replay_segments
       stack = lambda tree: jax.tree.map(  # noqa: E731
           lambda x: jnp.zeros((r,) + x.shape, x.dtype), tree)
+      zeros = lambda *shape: jnp.zeros((r, T, local_envs) + shape,  # noqa: E731
+                                       jnp.float32)
       replay = Replay(
-          observation=jnp.zeros((r, T, local_envs, env.observation_size),
-                                jnp.float32),
+          observation=zeros(env.observation_size),
           start=jnp.zeros((r, T, local_envs), bool),
-          mask=jnp.zeros((r, T, local_envs), jnp.float32),
+          mask=zeros(),
           actor_state=stack(models["actor"].initial_state(local_envs)),
-          learner_state=stack(models["learner"].initial_state(local_envs)),
+          learner_state=(None if stored_targets else
+                         stack(models["learner"].initial_state(local_envs))),
+          learner_logits=zeros(num_actions) if stored_targets else None,
+          learner_value=zeros() if stored_targets else None,
           next_slot=jnp.zeros((), jnp.int32))
     return TrainState(
         params=params,
@@ -406,7 +416,9 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
       metrics.update(reg_metrics)
       metrics["kl_actor_learner"] = reg
     metrics["learner_loss"] = loss
-    return loss, (metrics, next_learner_state, trans.mask)
+    # The policy model's outputs on the segment: ald's stored targets.
+    outputs_now = jax.lax.stop_gradient((logits, values[:-1]))
+    return loss, (metrics, next_learner_state, trans.mask, outputs_now)
 
   def rl_update(state: TrainState, segment: Segment):
     rl_params = {k: state.params[k] for k in rl_keys}
@@ -431,7 +443,8 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
     rl_params, duals, rl_opt_state, dual_opt_state = carry
     # Metrics and the carried learner state of the first pass (pre-update
     # params, like the segment's data).
-    metrics, next_learner_state, mask = jax.tree.map(lambda x: x[0], aux)
+    metrics, next_learner_state, mask, outputs_now = jax.tree.map(
+        lambda x: x[0], aux)
     learner_steps = state.iteration + 1
     refresh = learner_steps % config.target_update_period == 0
     target_params = jax.tree.map(lambda new, old: jnp.where(refresh, new, old),
@@ -440,33 +453,43 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
         params={**state.params, **rl_params}, target_params=target_params,
         duals=duals, rl_opt_state=rl_opt_state, dual_opt_state=dual_opt_state,
         learner_state=next_learner_state)
-    return state, metrics, mask
+    return state, metrics, mask, outputs_now
 
   # ------------------------------------------------------- distillation
   def add_to_replay(replay: Replay, segment: Segment, mask: jax.Array,
-                    learner_state: Any) -> Replay:
+                    learner_state: Any, learner_outputs: Any) -> Replay:
     slot = replay.next_slot
     put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
         buf, x, slot, axis=0)
     ts = segment.timesteps
-    return Replay(
+    if stored_targets:
+      learner_logits, learner_value = learner_outputs
+      replay = replay._replace(
+          learner_logits=put(replay.learner_logits, learner_logits),
+          learner_value=put(replay.learner_value, learner_value))
+    else:
+      replay = replay._replace(learner_state=jax.tree.map(
+          put, replay.learner_state, learner_state))
+    return replay._replace(
         observation=put(replay.observation, ts.observation[:-1]),
         start=put(replay.start, _first(ts)[:-1]),
         mask=put(replay.mask, mask),
         actor_state=jax.tree.map(put, replay.actor_state, segment.acting_state),
-        learner_state=jax.tree.map(put, replay.learner_state, learner_state),
         next_slot=(slot + 1) % config.replay_segments)
 
-  def distill_loss(actor_params, learner_params, batch):
-    observation, start, mask, actor_state, learner_state = batch
-    actor_out, _ = models["actor"].unroll(actor_params, actor_state,
-                                          observation, start)
-    learner_out, _ = models["learner"].unroll(learner_params, learner_state,
-                                              observation, start)
+  def distill_loss(actor_params, learner_params, batch: Replay):
+    actor_out, _ = models["actor"].unroll(actor_params, batch.actor_state,
+                                          batch.observation, batch.start)
+    if stored_targets:
+      learner_logits, learner_value = batch.learner_logits, batch.learner_value
+    else:
+      learner_out, _ = models["learner"].unroll(
+          learner_params, batch.learner_state, batch.observation, batch.start)
+      learner_logits, learner_value = learner_out.logits, learner_out.value
     return losses.distillation_loss(
         actor_out.logits, actor_out.value,
-        jax.lax.stop_gradient(learner_out.logits),
-        jax.lax.stop_gradient(learner_out.value), mask,
+        jax.lax.stop_gradient(learner_logits),
+        jax.lax.stop_gradient(learner_value), batch.mask,
         alpha_pi=config.alpha_pi, alpha_v=config.alpha_v, axis_name=AXIS)
 
   def distill(state: TrainState, rng: jax.Array):
@@ -478,11 +501,16 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
       # Rows (segment, env) without replacement; empty slots have mask 0.
       rows = jax.random.permutation(key, rows_total)[:local_distill_rows]
       seg_idx, env_idx = rows // local_envs, rows % local_envs
+      # [R, T, B, ...] -> [T, n, ...] and [R, B, ...] -> [n, ...].
       take_tb = lambda x: x[seg_idx, :, env_idx].swapaxes(0, 1)  # noqa: E731
       take_b = lambda x: x[seg_idx, env_idx]  # noqa: E731
-      batch = (take_tb(replay.observation), take_tb(replay.start),
-               take_tb(replay.mask), jax.tree.map(take_b, replay.actor_state),
-               jax.tree.map(take_b, replay.learner_state))
+      time_major = (replay.observation, replay.start, replay.mask,
+                    replay.learner_logits, replay.learner_value)
+      batch = replay._replace(
+          **dict(zip(("observation", "start", "mask", "learner_logits",
+                      "learner_value"), jax.tree.map(take_tb, time_major))),
+          actor_state=jax.tree.map(take_b, replay.actor_state),
+          learner_state=jax.tree.map(take_b, replay.learner_state))
       (loss, metrics), grads = jax.value_and_grad(distill_loss, has_aux=True)(
           actor_params, state.params["learner"], batch)
       metrics = {**metrics, "loss": loss}
@@ -507,7 +535,7 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
     state = state._replace(rng=rng)
     state, segment = rollout(state)
     learner_state_at_start = state.learner_state
-    state, metrics, mask = rl_update(state, segment)
+    state, metrics, mask, learner_outputs = rl_update(state, segment)
     nan = jnp.full((), jnp.nan)
     metrics.setdefault("kl_actor_learner", nan)
     eta, alpha = losses.vmpo_duals_values(state.duals)
@@ -516,7 +544,8 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
     metrics["actor_loss"] = nan
     if roles.distill:
       state = state._replace(replay=add_to_replay(
-          state.replay, segment, mask, learner_state_at_start))
+          state.replay, segment, mask, learner_state_at_start,
+          learner_outputs))
       state, distill_metrics = distill(state, distill_key)
       metrics.update({f"distill/{k}": v for k, v in distill_metrics.items()})
       metrics["actor_loss"] = distill_metrics["loss"]

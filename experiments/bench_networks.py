@@ -15,7 +15,9 @@ Prints Markdown tables. Usage:
     python experiments/bench_networks.py            # full sweep (minutes)
     python experiments/bench_networks.py --quick    # smoke run (< 1 minute)
 """
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
@@ -24,7 +26,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from ald_jax import networks
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ald_jax import networks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _QUICK = flags.DEFINE_bool("quick", False, "A few configs and repeats only.")
 _REPEATS = flags.DEFINE_integer("repeats", 300, "Timed step calls per config "

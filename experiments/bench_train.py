@@ -29,6 +29,7 @@ os.environ.setdefault("NPROC", "4")  # XLA CPU collective deadlock workaround
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ald_jax import training  # pylint: disable=wrong-import-position
@@ -36,8 +37,11 @@ from ald_jax.config import Config  # pylint: disable=wrong-import-position
 from envs import registry  # pylint: disable=wrong-import-position
 from experiments import bench_utils  # pylint: disable=wrong-import-position
 
-_AGENTS = flags.DEFINE_list("agents", ["lstm", "gtrxl", "asym", "ald"],
-                            "Agents to measure.")
+# 'ald_stored' is ald with --distill_targets=stored.
+_VARIANTS = {"lstm": {}, "gtrxl": {}, "asym": {}, "ald": {},
+             "ald_stored": {"agent": "ald", "distill_targets": "stored"}}
+_AGENTS = flags.DEFINE_list("agents", list(_VARIANTS), "Agents to measure "
+                            f"(of {', '.join(_VARIANTS)}).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed iterations per agent.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny models, 3 repeats.")
 _NUM_ENVS = flags.DEFINE_integer("num_envs", 32, "Parallel envs.")
@@ -113,16 +117,18 @@ def tables(results: Dict[str, Dict[str, float]]) -> Sequence[str]:
                  f"{share('rollout')} | {share('learner_update')} | "
                  f"{share('distillation')} |")
   rate = {a: r["env_steps_per_s"] for a, r in results.items()}
-  if "ald" in rate:
-    lines.append("")
+  lines.append("")
+  for ald in ("ald", "ald_stored"):
     for other in ("lstm", "gtrxl", "asym"):
-      if other in rate:
-        lines.append(f"ald / {other} env steps/s: {rate['ald'] / rate[other]:.2f}x")
+      if ald in rate and other in rate:
+        lines.append(f"{ald} / {other} env steps/s: "
+                     f"{rate[ald] / rate[other]:.2f}x")
   return lines
 
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # rlax logs at INFO while tracing
   repeats = 3 if _QUICK.value else _REPEATS.value
   sizes = dict(num_envs=_NUM_ENVS.value, unroll_length=_UNROLL.value,
                lstm_hidden=_LSTM.value, gtrxl_layers=_LAYERS.value,
@@ -138,9 +144,13 @@ def main(argv):
   print(f"I-Maze corridor {_CORRIDOR.value}; sizes {sizes}; median of "
         f"{repeats} iterations\n", flush=True)
   results = {}
+  unknown = set(_AGENTS.value) - set(_VARIANTS)
+  if unknown:
+    raise app.UsageError(f"--agents: unknown {sorted(unknown)}")
   for agent in _AGENTS.value:
-    config = Config(agent=agent, env="imaze", total_env_steps=10**9,
-                    num_devices=1, **sizes)
+    config = Config(**{"agent": agent, "env": "imaze",
+                       "total_env_steps": 10**9, "num_devices": 1, **sizes,
+                       **_VARIANTS[agent]})
     results[agent] = measure(config, repeats)
     print(f"{agent}: {results[agent]['env_steps_per_s']:,.0f} env steps/s",
           file=sys.stderr, flush=True)

@@ -29,12 +29,14 @@ def _trainer(**overrides):
   return training.make_trainer(config, env)
 
 
-@pytest.mark.parametrize("agent,rl_loss", [
-    ("lstm", "vmpo"), ("gtrxl", "vmpo"), ("asym", "vmpo"), ("ald", "vmpo"),
-    ("ald", "ppo"), ("asym", "ppo")])
-def test_every_agent_runs_and_reports(agent, rl_loss):
+@pytest.mark.parametrize("agent,rl_loss,distill_targets", [
+    ("lstm", "vmpo", "recompute"), ("gtrxl", "vmpo", "recompute"),
+    ("asym", "vmpo", "recompute"), ("ald", "vmpo", "recompute"),
+    ("ald", "ppo", "stored"), ("asym", "ppo", "recompute")])
+def test_every_agent_runs_and_reports(agent, rl_loss, distill_targets):
   trainer = _trainer(agent=agent, rl_loss=rl_loss, env="imaze",
-                     env_args="corridor_length=2")
+                     env_args="corridor_length=2",
+                     distill_targets=distill_targets)
   state = trainer.init()
   params_before = trainer.to_host(state.params)
   for _ in range(2):
@@ -83,11 +85,13 @@ def test_recorded_logits_equal_reunrolled_acting_model(agent):
   assert (ts.step_type[1:-1] == 0).any()
 
 
-def test_distillation_reduces_kl_to_frozen_learner_tenfold():
+@pytest.mark.parametrize("distill_targets", ["recompute", "stored"])
+def test_distillation_reduces_kl_to_frozen_learner_tenfold(distill_targets):
   # The learner is effectively frozen (tiny step size, no regulariser) at a
   # random, observation-dependent policy (its policy head re-drawn larger);
   # only distillation moves the actor toward it.
   trainer = _trainer(agent="ald", env="recall", env_args="num_cues=4,delay=2",
+                     distill_targets=distill_targets,
                      num_envs=16, learner_learning_rate=1e-12, alpha_reg=0.0,
                      distill_steps_per_rl_step=4, actor_learning_rate=3e-3,
                      total_env_steps=10**6)

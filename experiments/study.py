@@ -1,0 +1,716 @@
+r"""The reproduction study: four agents x seeds, a sizing sweep, a K sweep.
+
+    python experiments/study.py                       # everything, then the report
+    python experiments/study.py --phases=main --envs=imaze --seeds=0,1,2
+    python experiments/study.py --only_report         # rebuild docs/results.md
+
+Each run is one `experiments/run.py` training run (same Config, same
+`run.train`), done in-process one after another. Its flags are
+`experiments/configs/study/<env>.cfg` plus `--agent`, `--seed`,
+`--total_env_steps` (the env's budget) and, for sweep runs, one override. A run
+lives in `<runs_dir>/<env>-<env_args>-<budget>/<agent>[-<override>]-s<seed>`,
+so identical runs requested by two phases (e.g. the sizing sweep at the chosen
+setting and the main study) are trained once. A logdir holding `eval.json` is
+complete and skipped; any other existing logdir is an interrupted run and is
+trained again from scratch.
+
+Phases:
+  sizing: lstm and gtrxl, first seed only, at each `--sizing` env setting.
+  main:   every agent of `--agents` x every seed, at the cfg's env setting.
+  sweep:  ald on `--sweep_env` with each `--sweep` override, every seed.
+The report (`--out`, with figures and summary.csv in `<dir of out>/results/`)
+is always rebuilt from whatever runs of the requested plan exist. A section of
+the existing report between the ANALYSIS markers is kept verbatim.
+
+Wall-clock: `elapsed_s` of metrics.csv. Before `run.train` starts its clock the
+study compiles the iteration (one throw-away iteration of a fresh state; the
+same seed makes `run.train` start from the identical state), so curves and
+times-to-threshold exclude XLA compilation; compile time is reported apart.
+"""
+import os
+import sys
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (_REPO_ROOT, os.path.join(_REPO_ROOT, "experiments")):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
+os.environ.setdefault("NPROC", "4")  # see run.py
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import csv
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from typing import (Dict, List, NamedTuple, Optional, Sequence, TextIO,
+                    Tuple)
+
+from absl import app
+from absl import flags
+from absl import logging
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+import plot as plot_lib
+import run as run_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+AGENT_ORDER = ("lstm", "gtrxl", "asym", "ald")
+STUDY_JSON = "study.json"
+ANALYSIS_START = "<!-- ANALYSIS:START (kept when the report is rebuilt) -->"
+ANALYSIS_END = "<!-- ANALYSIS:END -->"
+
+_FLAGS = flags.FLAGS
+flags.DEFINE_list("envs", ["imaze", "metafetch"], "Envs of the main study.")
+flags.DEFINE_list("agents", list(AGENT_ORDER), "Agents of the main study.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every multi-seed phase; "
+                  "the sizing sweep uses the first.")
+flags.DEFINE_list("budgets", [], "env=steps overrides of the cfg's "
+                  "total_env_steps, e.g. imaze=600000.")
+flags.DEFINE_list("phases", ["sizing", "main", "sweep"], "Phases to run: "
+                  "sizing, main, sweep (the report is always written).")
+flags.DEFINE_multi_string("sizing", [], "env:env_args candidates of the sizing "
+                          "sweep, e.g. 'imaze:corridor_length=8'.")
+flags.DEFINE_string("sweep_env", "imaze", "Env of the ald override sweep.")
+flags.DEFINE_multi_string("sweep", [f"distill_steps_per_rl_step={k}"
+                                    for k in (1, 2, 4, 8)],
+                          "ald runs with one 'field=value[,field=value]' "
+                          "Config override each.")
+flags.DEFINE_list("thresholds", ["imaze=success_rate:0.9",
+                                 "metafetch=episode_return:5.0"],
+                  "env=metric:value: the smoothed training metric that counts "
+                  "as 'reached'.")
+flags.DEFINE_integer("smooth_env_steps", 20_000, "Window (env steps) of the "
+                     "episode-weighted smoothing of the training metric.")
+flags.DEFINE_string("config_dir", os.path.join(_REPO_ROOT, "experiments",
+                                               "configs", "study"),
+                    "Where the study's <env>.cfg flagfiles live.")
+flags.DEFINE_string("runs_dir", "/work/study_runs", "Root of the run logdirs.")
+flags.DEFINE_string("out", os.path.join(_REPO_ROOT, "docs", "results.md"),
+                    "The report; figures and summary.csv go to "
+                    "<its dir>/results/.")
+flags.DEFINE_bool("only_report", False, "Train nothing; rebuild the report.")
+flags.DEFINE_integer("acting_iterations", 10, "Rollouts timed for the acting "
+                     "throughput (first seed of each main run only; 0: off).")
+
+
+# ------------------------------------------------------------------ plan ---
+
+
+class RunSpec(NamedTuple):
+  """One training run of the study.
+
+  group: 'sizing', 'main' or 'sweep'. label: its line in tables and plots.
+  argv: run.py-style flags (without the program name) defining its Config.
+  measure_acting: whether to time rollouts alone.
+  """
+  group: str
+  env: str
+  env_args: str
+  agent: str
+  seed: int
+  budget: int
+  label: str
+  logdir: str
+  argv: Tuple[str, ...]
+  measure_acting: bool
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9.]+", "", text.replace(",", "_")) or "default"
+
+
+def parse_key_values(items: Sequence[str], name: str) -> Dict[str, str]:
+  """['a=1', 'b=x:2'] -> {'a': '1', 'b': 'x:2'}; ValueError naming `name`."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+      raise ValueError(f"{name}: expected key=value, got {item!r}")
+    out[key] = value
+  return out
+
+
+def parse_thresholds(items: Sequence[str]) -> Dict[str, Tuple[str, float]]:
+  """['imaze=success_rate:0.9'] -> {'imaze': ('success_rate', 0.9)}."""
+  out = {}
+  for env, value in parse_key_values(items, "thresholds").items():
+    metric, _, number = value.partition(":")
+    if metric not in plot_lib.METRICS:
+      raise ValueError(f"thresholds: metric must be one of "
+                       f"{plot_lib.METRICS}, got {metric!r}")
+    out[env] = (metric, float(number))
+  return out
+
+
+def base_config(env: str, config_dir: str) -> run_lib.Config:
+  path = os.path.join(config_dir, f"{env}.cfg")
+  if not os.path.exists(path):
+    raise ValueError(f"envs: no study config {path}")
+  return run_lib.parse_config(["study", f"--flagfile={path}"])
+
+
+def make_spec(group: str, env: str, agent: str, seed: int, *, config_dir: str,
+              runs_dir: str, budgets: Dict[str, int],
+              env_args: Optional[str] = None, override: str = "",
+              label: Optional[str] = None,
+              measure_acting: bool = False) -> RunSpec:
+  """The RunSpec of one run; its logdir is a function of what it trains."""
+  base = base_config(env, config_dir)
+  env_args = base.env_args if env_args is None else env_args
+  budget = budgets.get(env, base.total_env_steps)
+  folder = f"{env}-{_slug(env_args)}-{budget}"
+  name = f"{agent}{'-' + _slug(override) if override else ''}-s{seed}"
+  logdir = os.path.join(runs_dir, folder, name)
+  argv = [f"--flagfile={os.path.join(config_dir, f'{env}.cfg')}",
+          f"--agent={agent}", f"--seed={seed}", f"--env_args={env_args}",
+          f"--total_env_steps={budget}", f"--logdir={logdir}"]
+  argv += [f"--{item}" for item in filter(None, override.split(","))]
+  return RunSpec(group, env, env_args, agent, seed, budget, label or agent,
+                 logdir, tuple(argv), measure_acting)
+
+
+def plan(config_dir: str, runs_dir: str) -> List[RunSpec]:
+  """Every run the flags ask for, sizing first, in execution order."""
+  seeds = [int(s) for s in _FLAGS.seeds]
+  if not seeds:
+    raise ValueError("seeds: need at least one")
+  budgets = {k: int(v) for k, v in
+             parse_key_values(_FLAGS.budgets, "budgets").items()}
+  common = dict(config_dir=config_dir, runs_dir=runs_dir, budgets=budgets)
+  specs = []
+  for candidate in _FLAGS.sizing:
+    env, sep, env_args = candidate.partition(":")
+    if not sep:
+      raise ValueError(f"sizing: expected env:env_args, got {candidate!r}")
+    for agent in ("lstm", "gtrxl"):
+      specs.append(make_spec("sizing", env, agent, seeds[0], env_args=env_args,
+                             label=f"{agent} {env_args}", **common))
+  for env in _FLAGS.envs:
+    for agent in _FLAGS.agents:
+      if agent not in AGENT_ORDER:
+        raise ValueError(f"agents: unknown agent {agent!r}")
+      for i, seed in enumerate(seeds):
+        specs.append(make_spec("main", env, agent, seed,
+                               measure_acting=i == 0, **common))
+  if _FLAGS.sweep_env:
+    base = base_config(_FLAGS.sweep_env, config_dir)
+    for override in _FLAGS.sweep:
+      fields = run_lib.config_lib.parse_env_args(override)
+      unchanged = all(getattr(base, k) == v for k, v in fields.items())
+      for seed in seeds:
+        specs.append(make_spec(
+            "sweep", _FLAGS.sweep_env, "ald", seed,
+            override="" if unchanged else override,
+            label=f"ald {override}", **common))
+  return specs
+
+
+# -------------------------------------------------------------- training ---
+
+
+def _comparable(config_dict: Dict[str, object]) -> Dict[str, object]:
+  return {k: v for k, v in config_dict.items()
+          if k not in run_lib.RESUMABLE_FIELDS}
+
+
+def train_spec(spec: RunSpec, stream: TextIO) -> bool:
+  """Trains one run unless complete; returns whether it trained.
+
+  Raises:
+    ValueError: a complete run in spec.logdir was trained with another config.
+  """
+  # Imported on use: --only_report needs no JAX.
+  import jax  # pylint: disable=g-import-not-at-top
+  from ald_jax import training  # pylint: disable=g-import-not-at-top
+
+  config = run_lib.parse_config(["study", *spec.argv])
+  if os.path.exists(os.path.join(spec.logdir, run_lib.EVAL_JSON)):
+    with open(os.path.join(spec.logdir, run_lib.CONFIG_JSON)) as f:
+      saved = json.load(f)
+    if _comparable(saved) != _comparable(dataclasses.asdict(config)):
+      raise ValueError(f"runs_dir: {spec.logdir} holds a run of another "
+                       f"config; delete it or choose another --runs_dir")
+    return False
+  if os.path.isdir(spec.logdir):
+    shutil.rmtree(spec.logdir)  # interrupted: start again
+  env = run_lib.prepare(config)
+  trainer = training.make_trainer(config, env)
+  start = time.monotonic()
+  warm_state, _ = trainer.train_iteration(trainer.init())
+  jax.block_until_ready(warm_state)
+  info = {"compile_s": time.monotonic() - start,
+          "acting_env_steps_per_s": math.nan}
+  if spec.measure_acting and _FLAGS.acting_iterations > 0:
+    info["acting_env_steps_per_s"] = measure_acting(
+        trainer, warm_state, _FLAGS.acting_iterations)
+  del warm_state
+  os.makedirs(spec.logdir, exist_ok=True)
+  start = time.monotonic()
+  with open(os.path.join(spec.logdir, "progress.log"), "w") as log:
+    state, _ = run_lib.train(config, env, trainer=trainer, stream=log)
+    info["train_wall_s"] = time.monotonic() - start
+    with open(os.path.join(spec.logdir, STUDY_JSON), "w") as f:
+      json.dump(info, f, indent=2, sort_keys=True)
+    result = run_lib.evaluate_and_save(trainer, state, config, stream=log)
+  print(f"  done in {info['train_wall_s']:.0f}s (+{info['compile_s']:.0f}s "
+        f"compile): eval success {result['eval_success_rate']:.0%}, return "
+        f"{result['eval_return']:.2f}", file=stream, flush=True)
+  jax.clear_caches()
+  return True
+
+
+def measure_acting(trainer, state, iterations: int) -> float:
+  """Env steps per second of the acting model's rollouts alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  state, segment = trainer.collect(state)  # compiles
+  jax.block_until_ready(segment)
+  start = time.monotonic()
+  for _ in range(iterations):
+    state, segment = trainer.collect(state)
+  jax.block_until_ready(segment)
+  return iterations * trainer.env_steps_per_iteration / (
+      time.monotonic() - start)
+
+
+# -------------------------------------------------------------- analysis ---
+
+
+def load_metrics(logdir: str) -> Dict[str, np.ndarray]:
+  """Columns of logdir/metrics.csv as float64 [num_rows] arrays (NaN: empty)."""
+  with open(os.path.join(logdir, run_lib.logging_utils.METRICS_CSV),
+            newline="") as f:
+    rows = list(csv.DictReader(f))
+  if not rows:
+    return {}
+  return {key: np.array([float(row[key] or "nan") for row in rows])
+          for key in rows[0]}
+
+
+def smoothed(env_steps: np.ndarray, values: np.ndarray, episodes: np.ndarray,
+             window: float) -> np.ndarray:
+  """Episode-weighted mean of `values` over rows in (x - window, x] per row x.
+
+  Args:
+    env_steps: float64 [N], increasing.
+    values: float64 [N], a per-row mean over that row's episodes (NaN if none).
+    episodes: float64 [N], episodes finished in each row's interval.
+    window: env steps.
+  Returns:
+    float64 [N]; NaN where the window holds no finished episode. Each row's own
+    interval is always included, whatever its length.
+  """
+  weights = np.where(np.isfinite(values), episodes, 0.0)
+  filled = np.where(weights > 0, values, 0.0)
+  out = np.full(env_steps.shape, np.nan)
+  for i, x in enumerate(env_steps):
+    inside = (env_steps > x - window) & (env_steps <= x)
+    inside[i] = True
+    total = weights[inside].sum()
+    if total > 0:
+      out[i] = (weights[inside] * filled[inside]).sum() / total
+  return out
+
+
+def first_reach(curve: np.ndarray, threshold: float) -> Optional[int]:
+  """Index of the first row whose smoothed value is >= threshold, or None."""
+  hits = np.flatnonzero(np.nan_to_num(curve, nan=-np.inf) >= threshold)
+  return int(hits[0]) if hits.size else None
+
+
+class RunResult(NamedTuple):
+  """What the report uses of one completed run (NaN: not reached/measured)."""
+  spec: RunSpec
+  reach_steps: float
+  reach_s: float
+  final_train: float
+  eval_success: float
+  eval_return: float
+  steps_per_s: float
+  acting_steps_per_s: float
+  compile_s: float
+  train_wall_s: float
+  kl_final: float
+
+
+def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
+              window: float) -> Optional[RunResult]:
+  """The RunResult of a complete run, None if it is not complete."""
+  if not os.path.exists(os.path.join(spec.logdir, run_lib.EVAL_JSON)):
+    return None
+  metric, threshold = thresholds[spec.env]
+  columns = load_metrics(spec.logdir)
+  curve = smoothed(columns["env_steps"], columns[metric],
+                   columns["episodes"], window)
+  index = first_reach(curve, threshold)
+  with open(os.path.join(spec.logdir, run_lib.EVAL_JSON)) as f:
+    evaluation = json.load(f)
+  info = {}
+  if os.path.exists(os.path.join(spec.logdir, STUDY_JSON)):
+    with open(os.path.join(spec.logdir, STUDY_JSON)) as f:
+      info = json.load(f)
+  kl = columns.get("kl_actor_learner", np.array([np.nan]))
+  return RunResult(
+      spec=spec,
+      reach_steps=math.nan if index is None else columns["env_steps"][index],
+      reach_s=math.nan if index is None else columns["elapsed_s"][index],
+      final_train=float(curve[-1]),
+      eval_success=evaluation["eval_success_rate"],
+      eval_return=evaluation["eval_return"],
+      steps_per_s=float(columns["env_steps"][-1] / columns["elapsed_s"][-1]),
+      acting_steps_per_s=info.get("acting_env_steps_per_s", math.nan),
+      compile_s=info.get("compile_s", math.nan),
+      train_wall_s=info.get("train_wall_s", math.nan),
+      kl_final=float(np.nanmean(kl[-5:])) if np.any(np.isfinite(kl[-5:]))
+      else math.nan)
+
+
+class Aggregate(NamedTuple):
+  """Across one label's seeds. *_reached: mean/std over seeds that reached;
+  censored_steps/_s: mean with unreached seeds counted at the budget / at
+  their full training time (a lower bound when any did not reach)."""
+  label: str
+  num_runs: int
+  num_reached: int
+  steps_mean: float
+  steps_std: float
+  seconds_mean: float
+  seconds_std: float
+  censored_steps: float
+  censored_s: float
+  eval_success: Tuple[float, float]
+  eval_return: Tuple[float, float]
+  final_train: Tuple[float, float]
+  steps_per_s: float
+  acting_steps_per_s: float
+  compile_s: float
+  kl_final: float
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+  values = np.asarray([v for v in values if np.isfinite(v)], np.float64)
+  if not values.size:
+    return math.nan, math.nan
+  return float(values.mean()), float(values.std())
+
+
+def aggregate(label: str, results: Sequence[RunResult]) -> Aggregate:
+  reached = [r for r in results if np.isfinite(r.reach_steps)]
+  steps = _mean_std([r.reach_steps for r in reached])
+  seconds = _mean_std([r.reach_s for r in reached])
+  censored_steps = np.mean([r.reach_steps if np.isfinite(r.reach_steps)
+                            else r.spec.budget for r in results])
+  censored_s = np.mean([r.reach_s if np.isfinite(r.reach_s)
+                        else r.train_wall_s for r in results])
+  return Aggregate(
+      label=label, num_runs=len(results), num_reached=len(reached),
+      steps_mean=steps[0], steps_std=steps[1], seconds_mean=seconds[0],
+      seconds_std=seconds[1], censored_steps=float(censored_steps),
+      censored_s=float(censored_s),
+      eval_success=_mean_std([r.eval_success for r in results]),
+      eval_return=_mean_std([r.eval_return for r in results]),
+      final_train=_mean_std([r.final_train for r in results]),
+      steps_per_s=_mean_std([r.steps_per_s for r in results])[0],
+      acting_steps_per_s=_mean_std([r.acting_steps_per_s
+                                    for r in results])[0],
+      compile_s=_mean_std([r.compile_s for r in results])[0],
+      kl_final=_mean_std([r.kl_final for r in results])[0])
+
+
+# ---------------------------------------------------------------- report ---
+
+
+def _k(steps: float) -> str:
+  return "-" if not np.isfinite(steps) else f"{steps / 1000:.0f}k"
+
+
+def _pm(pair: Tuple[float, float], digits: int = 2, scale: float = 1.0,
+        unit: str = "") -> str:
+  mean, std = pair
+  if not np.isfinite(mean):
+    return "-"
+  return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}{unit}"
+
+
+def _reach_cells(agg: Aggregate) -> Tuple[str, str]:
+  if not agg.num_reached:
+    return "not reached", "not reached"
+  steps = (f"{agg.steps_mean / 1000:.0f}k ± {agg.steps_std / 1000:.0f}k")
+  seconds = f"{agg.seconds_mean:.0f} ± {agg.seconds_std:.0f}"
+  return steps, seconds
+
+
+def results_table(aggs: Sequence[Aggregate], metric: str) -> List[str]:
+  final_name = "success" if metric == "success_rate" else "return"
+  lines = [
+      f"| agent | reached | env steps to threshold | wall-clock s to "
+      f"threshold | censored mean steps / s | greedy eval success | greedy "
+      f"eval return | final train {final_name} | train env steps/s | acting "
+      f"env steps/s | compile s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for agg in aggs:
+    steps, seconds = _reach_cells(agg)
+    lines.append(
+        f"| {agg.label} | {agg.num_reached}/{agg.num_runs} | {steps} | "
+        f"{seconds} | {_k(agg.censored_steps)} / {agg.censored_s:.0f} | "
+        f"{_pm(agg.eval_success)} | {_pm(agg.eval_return)} | "
+        f"{_pm(agg.final_train)} | {agg.steps_per_s:,.0f} | "
+        f"{'-' if not np.isfinite(agg.acting_steps_per_s) else f'{agg.acting_steps_per_s:,.0f}'}"
+        f" | {agg.compile_s:.0f} |")
+  return lines
+
+
+def per_seed_table(results_by_label: Dict[str, List[RunResult]]) -> List[str]:
+  seeds = sorted({r.spec.seed for rs in results_by_label.values() for r in rs})
+  lines = ["| label | " + " | ".join(f"seed {s}: steps / s" for s in seeds)
+           + " |", "|---|" + "---|" * len(seeds)]
+  for label, results in results_by_label.items():
+    by_seed = {r.spec.seed: r for r in results}
+    cells = []
+    for seed in seeds:
+      r = by_seed.get(seed)
+      if r is None:
+        cells.append("not run")
+      elif np.isfinite(r.reach_steps):
+        cells.append(f"{_k(r.reach_steps)} / {r.reach_s:.0f}s")
+      else:
+        cells.append(f"> {_k(r.spec.budget)} (final {r.final_train:.2f})")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+  if not (np.isfinite(numerator) and np.isfinite(denominator)):
+    return "-"
+  return f"{numerator / denominator:.2f}x"
+
+
+def claims_table(aggs: Dict[str, Aggregate]) -> List[str]:
+  """The paper's headline checks, on censored means (lower bounds if any seed
+  did not reach)."""
+  def get(label):
+    return aggs.get(label)
+  lines = ["| check | measured | holds? |", "|---|---|---|"]
+  lstm, gtrxl, asym, ald = (get(a) for a in AGENT_ORDER)
+
+  def row(name, a, b, attr, limit, less=True):
+    if a is None or b is None:
+      lines.append(f"| {name} | not run | - |")
+      return
+    value = getattr(a, attr) / getattr(b, attr)
+    exact = a.num_reached == a.num_runs and b.num_reached == b.num_runs
+    holds = value <= limit if less else value >= limit
+    lines.append(f"| {name} | {value:.2f}x ({getattr(a, attr):,.0f} vs "
+                 f"{getattr(b, attr):,.0f}){'' if exact else ' (censored)'} | "
+                 f"{'yes' if holds else 'no'} |")
+
+  row("gtrxl needs >= 2x fewer env steps than lstm (lstm / gtrxl)", lstm,
+      gtrxl, "censored_steps", 2.0, less=False)
+  row("ald env steps <= 1.3x gtrxl's (ald / gtrxl)", ald, gtrxl,
+      "censored_steps", 1.3)
+  row("ald wall-clock < gtrxl's (ald / gtrxl)", ald, gtrxl, "censored_s",
+      1.0 - 1e-9)
+  row("asym worse than ald in env steps (asym / ald)", asym, ald,
+      "censored_steps", 1.0 + 1e-9, less=False)
+  row("ald fewer env steps than lstm (lstm / ald)", lstm, ald,
+      "censored_steps", 1.0 + 1e-9, less=False)
+  return lines
+
+
+def plot_kl(results: Sequence[RunResult], out: str, window: float) -> None:
+  """KL(actor || learner) over env steps, mean across seeds per label."""
+  by_label: Dict[str, List[np.ndarray]] = {}
+  for r in results:
+    pairs = plot_lib.load_column_pair(r.spec.logdir, "env_steps",
+                                      "kl_actor_learner")
+    if len(pairs):
+      by_label.setdefault(r.spec.label, []).append(pairs)
+  if not by_label:
+    return
+  figure, axes = plt.subplots(figsize=(6.4, 4.0))
+  for label, runs in by_label.items():
+    curve = plot_lib.aggregate(runs)
+    axes.plot(curve.x, curve.mean, label=f"{label} (n={curve.num_runs})")
+  axes.set_yscale("log")
+  axes.set_xlabel("env steps")
+  axes.set_ylabel("KL(actor || learner), nats")
+  axes.set_title("actor-learner KL on the collected data")
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(out, dpi=110)
+  plt.close(figure)
+  del window
+
+
+def _kept_analysis(out: str) -> str:
+  if os.path.exists(out):
+    with open(out) as f:
+      text = f.read()
+    start, end = text.find(ANALYSIS_START), text.find(ANALYSIS_END)
+    if 0 <= start < end:
+      return text[start:end + len(ANALYSIS_END)]
+  return (f"{ANALYSIS_START}\n(No analysis written yet.)\n{ANALYSIS_END}")
+
+
+def write_summary_csv(results: Sequence[RunResult], path: str) -> None:
+  fields = ["group", "env", "env_args", "label", "agent", "seed", "budget",
+            "reach_steps", "reach_s", "final_train", "eval_success",
+            "eval_return", "steps_per_s", "acting_steps_per_s", "compile_s",
+            "train_wall_s", "kl_final"]
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(fields)
+    for r in results:
+      s = r.spec
+      writer.writerow([s.group, s.env, s.env_args, s.label, s.agent, s.seed,
+                       s.budget] + [f"{getattr(r, k):.6g}" for k in fields[7:]])
+
+
+def _plots(results: Sequence[RunResult], name: str, fig_dir: str,
+           metric: str, rel_dir: str) -> List[str]:
+  lines = []
+  logdirs = [r.spec.logdir for r in results]
+  labels = [r.spec.label for r in results]
+  for x in ("env_steps", "time"):
+    path = os.path.join(fig_dir, f"{name}_{x}.png")
+    plot_lib.plot_curves(logdirs, path, x=x, metric=metric, labels=labels,
+                         title=f"{name}: training {metric.replace('_', ' ')}")
+    lines.append(f"![{name} by {x}]({rel_dir}/{os.path.basename(path)})")
+  return lines
+
+
+def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
+                 ) -> List[RunResult]:
+  """Writes the markdown report, its figures and summary.csv."""
+  thresholds = parse_thresholds(_FLAGS.thresholds)
+  window = _FLAGS.smooth_env_steps
+  fig_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "results")
+  rel_dir = os.path.relpath(fig_dir, os.path.dirname(os.path.abspath(out)))
+  os.makedirs(fig_dir, exist_ok=True)
+  results, missing = [], []
+  seen = set()
+  for spec in specs:
+    key = (spec.group, spec.logdir)
+    if key in seen:
+      continue
+    seen.add(key)
+    result = summarise(spec, thresholds, window)
+    (results if result else missing).append(result or spec)
+  write_summary_csv(results, os.path.join(fig_dir, "summary.csv"))
+
+  lines = ["# Reproduction study: Actor-Learner Distillation", "",
+           "Generated by `experiments/study.py` (numbers, tables, figures); "
+           "only the Analysis section is written by hand.", "",
+           "Command: `python experiments/study.py " + " ".join(argv) + "`", "",
+           "## Protocol", ""]
+  env_lines = []
+  for env in sorted({s.env for s in specs if s.group != "sizing"}):
+    metric, threshold = thresholds[env]
+    base = base_config(env, _FLAGS.config_dir)
+    budget = next(s.budget for s in specs if s.env == env)
+    env_lines.append(
+        f"- **{env}** (`{base.env_args}`): budget {budget:,} env steps per run; "
+        f"threshold: smoothed training {metric.replace('_', ' ')} >= "
+        f"{threshold:g}. Config: `experiments/configs/study/{env}.cfg` "
+        f"(num_envs {base.num_envs}, unroll {base.unroll_length}, LSTM "
+        f"{base.lstm_hidden}, GTrXL {base.gtrxl_layers}x{base.gtrxl_d_model} "
+        f"memory {base.gtrxl_memory_len}, {base.rl_loss}, K="
+        f"{base.distill_steps_per_rl_step}, replay {base.replay_segments}, "
+        f"alpha_reg {base.alpha_reg}).")
+  lines += env_lines + [
+      "",
+      f"- **Reached**: the first metrics.csv row (one row per "
+      f"`log_every_seconds` of training) at which the training-episode metric, "
+      f"averaged over all episodes finished in the trailing window of "
+      f"{window:,} env steps ending at that row (the row's own interval always "
+      f"included), is >= the threshold. Env steps and wall-clock are that "
+      f"row's `env_steps` and `elapsed_s`.",
+      "- Training metrics come from the stochastic acting policy; *greedy eval*"
+      " is `eval.json`: 64 argmax episodes of the acting model on fresh seeds "
+      "after the budget.",
+      "- Wall-clock excludes XLA compilation (one warm-up iteration before the "
+      "clock starts; its time is the *compile s* column). *Acting env steps/s*:"
+      " rollouts alone (`Trainer.collect`), first seed. *Train env steps/s*: "
+      "budget / training time (acting + learning + distillation).",
+      "- *Censored mean*: mean over seeds, with a seed that never reached "
+      "counted at the full budget (steps) or full training time (s): a lower "
+      "bound whenever n reached < n seeds. The claims table uses it.",
+      "- mean ± std are over seeds (population std). All runs on the same "
+      "2-core CPU, one at a time.", ""]
+
+  lines += [ _kept_analysis(out).replace("\r", ""), ""]
+
+  groups = [("sizing", "Sizing sweep (lstm vs gtrxl, first seed)"),
+            ("main", "Main study"),
+            ("sweep", "Distillation-ratio sweep (ald)")]
+  for group, title in groups:
+    group_results = [r for r in results if r.spec.group == group]
+    if not group_results:
+      continue
+    lines += [f"## {title}", ""]
+    for env in sorted({r.spec.env for r in group_results}):
+      env_results = [r for r in group_results if r.spec.env == env]
+      metric, threshold = thresholds[env]
+      by_label: Dict[str, List[RunResult]] = {}
+      for r in env_results:
+        by_label.setdefault(r.spec.label, []).append(r)
+      aggs = {label: aggregate(label, rs) for label, rs in by_label.items()}
+      lines += [f"### {env}: {metric.replace('_', ' ')} >= {threshold:g}", ""]
+      lines += results_table(list(aggs.values()), metric) + [""]
+      lines += ["Per seed (env steps / wall-clock s to threshold):", ""]
+      lines += per_seed_table(by_label) + [""]
+      if group == "main":
+        lines += ["Paper's claims (censored means):", ""]
+        lines += claims_table(aggs) + [""]
+      lines += _plots(env_results, f"{group}_{env}", fig_dir, metric,
+                      rel_dir) + [""]
+      kl_results = [r for r in env_results if r.spec.agent == "ald"]
+      if kl_results:
+        kl_path = os.path.join(fig_dir, f"{group}_{env}_kl.png")
+        plot_kl(kl_results, kl_path, window)
+        if os.path.exists(kl_path):
+          lines += [f"![{group} {env} KL]({rel_dir}/"
+                    f"{os.path.basename(kl_path)})", ""]
+  if missing:
+    lines += ["## Not run", "",
+              "Planned but without a completed run (no eval.json):", ""]
+    lines += [f"- {s.group}: {s.env} `{s.env_args}` {s.label} seed {s.seed}"
+              for s in missing] + [""]
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    f.write("\n".join(lines))
+  return results
+
+
+# ------------------------------------------------------------------ main ---
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected positional arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  specs = plan(_FLAGS.config_dir, _FLAGS.runs_dir)
+  thresholds = parse_thresholds(_FLAGS.thresholds)
+  for spec in specs:
+    if spec.env not in thresholds:
+      raise ValueError(f"thresholds: none for env {spec.env!r}")
+  if not _FLAGS.only_report:
+    todo = [s for s in specs if s.group in _FLAGS.phases]
+    for i, spec in enumerate(todo):
+      print(f"[{i + 1}/{len(todo)}] {spec.group} {spec.env} "
+            f"({spec.env_args}) {spec.label} seed {spec.seed}: {spec.logdir}",
+            flush=True)
+      if not train_spec(spec, sys.stdout):
+        print("  complete already; skipped", flush=True)
+  shown = [a for a in sys.argv[1:]]
+  write_report(specs, _FLAGS.out, shown)
+  print(f"wrote {_FLAGS.out}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
