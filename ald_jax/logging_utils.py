@@ -66,7 +66,8 @@ class Progress(NamedTuple):
   success_rate: their success fraction in [0, 1].
   kl: KL(actor || learner), mean per step (NaN for agents without both).
   eta, alpha: the V-MPO temperature and KL multiplier (NaN with PPO).
-  remaining_s: estimated seconds until the budget is reached.
+  remaining_s: estimated seconds until the budget is reached (NaN: left out,
+    e.g. on the first line, whose rate includes compilation).
   """
   elapsed_s: float
   iteration: int
@@ -125,7 +126,8 @@ def format_progress(progress: Progress) -> str:
     value = getattr(progress, name)
     if not math.isnan(value):
       parts.append(f"{name} {format_value(value)}")
-  parts.append(f"left {format_duration(progress.remaining_s)}")
+  if not math.isnan(progress.remaining_s):
+    parts.append(f"left {format_duration(progress.remaining_s)}")
   return f"[{format_duration(progress.elapsed_s):>7}] " + "  ".join(parts)
 
 

@@ -299,8 +299,10 @@ def train(config: Config, env: env_api.Environment, *,
           elapsed_s = writer.resumed_elapsed_s + now - start_time
           writer.write(_interval_row(host_metrics, episodes, elapsed_s,
                                      steps_per_s), step=int(env_steps))
+          # The first line's rate includes compilation: no estimate from it.
+          first_line = last_line_time == start_time
           remaining_s = ((config.total_env_steps - env_steps) / steps_per_s
-                         if steps_per_s > 0 else math.inf)
+                         if steps_per_s > 0 and not first_line else math.nan)
           print(logging_utils.format_progress(logging_utils.Progress(
               elapsed_s=elapsed_s, iteration=iteration, env_steps=env_steps,
               env_steps_per_s=steps_per_s, mean_return=episodes.mean_return,
@@ -308,7 +310,8 @@ def train(config: Config, env: env_api.Environment, *,
               kl=host_metrics.get("kl_actor_learner", math.nan),
               eta=host_metrics.get("eta", math.nan),
               alpha=host_metrics.get("alpha", math.nan),
-              remaining_s=max(remaining_s, 0.0))), file=stream, flush=True)
+              remaining_s=max(remaining_s, 0.0) if math.isfinite(remaining_s)
+              else remaining_s)), file=stream, flush=True)
           episodes.reset()
           last_line_time, last_line_steps = now, env_steps
         every = config.checkpoint_every_iterations
