@@ -1,6 +1,6 @@
 """Tests of experiments/plot.py on synthetic run.py logdirs."""
 import csv
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -16,10 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def plot():
-  spec = importlib.util.spec_from_file_location("ald_plot", PLOT_PY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module("experiments.plot")
 
 
 def _write_logdir(path, agent, env_steps, returns, success):

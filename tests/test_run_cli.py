@@ -2,7 +2,7 @@
 import csv
 import dataclasses
 import glob
-import importlib.util
+import importlib
 import io
 import json
 import math
@@ -27,11 +27,8 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "experiments",
 
 @pytest.fixture(scope="module")
 def run():
-  """experiments/run.py as a module (it is a script, not a package member)."""
-  spec = importlib.util.spec_from_file_location("ald_run", RUN_PY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """experiments/run.py as a module."""
+  return importlib.import_module("experiments.run")
 
 
 # ------------------------------------------------------ command-line errors ---

@@ -1,6 +1,6 @@
 """Tests of the training system (ald_jax.training)."""
 import dataclasses
-import importlib.util
+import importlib
 import io
 import os
 import subprocess
@@ -187,10 +187,7 @@ def test_agent_learns_the_recall_task(agent, iterations):
 
 def test_checkpoint_stop_and_resume_equals_uninterrupted_run(tmp_path):
   """run.train for 6 iterations == 3 iterations, stop, --resume to 6."""
-  spec = importlib.util.spec_from_file_location(
-      "ald_run", os.path.join(REPO, "experiments", "run.py"))
-  run = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(run)
+  run = importlib.import_module("experiments.run")
   base = Config(**{**TINY, "agent": "ald", "env": "recall",
                    "env_args": "delay=2", "checkpoint_every_iterations": 3,
                    "log_every_seconds": 1e9})
