@@ -1,6 +1,6 @@
 r"""The reproduction study: four agents x seeds, a sizing sweep, a K sweep.
 
-    python experiments/study.py                       # everything, then the report
+    python experiments/study.py                # every phase, then the report
     python experiments/study.py --phases=main --envs=imaze --seeds=0,1,2
     python experiments/study.py --only_report         # rebuild docs/results.md
 
@@ -18,6 +18,9 @@ Phases:
   sizing: lstm and gtrxl, first seed only, at each `--sizing` env setting.
   main:   every agent of `--agents` x every seed, at the cfg's env setting.
   sweep:  ald on `--sweep_env` with each `--sweep` override, every seed.
+  scale:  `--scale_agents` on `--sweep_env` with each `--scale` override.
+  extra:  each `--extra` env:agent:overrides, every seed.
+  acting: the acting throughput of each main agent (first seed's config).
 The report (`--out`, with figures and summary.csv in `<dir of out>/results/`)
 is always rebuilt from whatever runs of the requested plan exist. A section of
 the existing report between the ANALYSIS markers is kept verbatim.
@@ -69,19 +72,38 @@ flags.DEFINE_list("envs", ["imaze", "metafetch"], "Envs of the main study.")
 flags.DEFINE_list("agents", list(AGENT_ORDER), "Agents of the main study.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every multi-seed phase; "
                   "the sizing sweep uses the first.")
+flags.DEFINE_list("main_seeds", [], "env=seed:seed:... overrides of --seeds "
+                  "for that env's main runs, e.g. imaze=0:1:2:3:4.")
 flags.DEFINE_list("budgets", [], "env=steps overrides of the cfg's "
                   "total_env_steps, e.g. imaze=600000.")
-flags.DEFINE_list("phases", ["sizing", "main", "sweep"], "Phases to run: "
-                  "sizing, main, sweep (the report is always written).")
-flags.DEFINE_multi_string("sizing", [], "env:env_args candidates of the sizing "
-                          "sweep, e.g. 'imaze:corridor_length=8'.")
+flags.DEFINE_list("phases", ["sizing", "main", "sweep", "extra", "scale",
+                             "acting"],
+                  "Phases to run: sizing, main, sweep, extra, scale, acting "
+                  "(the report is always written).")
+SIZING_CANDIDATES = (
+    "imaze:corridor_length=4", "imaze:corridor_length=6",
+    "imaze:corridor_length=8", "metafetch:size=5,num_objects=3",
+    "metafetch:size=4,num_objects=2")
+LARGER_LEARNER = ("gtrxl_layers=4,gtrxl_heads=4,gtrxl_d_model=128,"
+                  "gtrxl_mlp_width=256,total_env_steps=400000")
+flags.DEFINE_multi_string("sizing", list(SIZING_CANDIDATES), "env:env_args "
+                          "candidates of the sizing sweep, e.g. "
+                          "'imaze:corridor_length=8'.")
 flags.DEFINE_string("sweep_env", "imaze", "Env of the ald override sweep.")
 flags.DEFINE_multi_string("sweep", [f"distill_steps_per_rl_step={k}"
                                     for k in (1, 2, 4, 8)],
                           "ald runs with one 'field=value[,field=value]' "
                           "Config override each.")
+flags.DEFINE_multi_string("scale", [LARGER_LEARNER], "'field=value[,...]' "
+                          "Config overrides (e.g. a larger GTrXL) run for "
+                          "--scale_agents on --sweep_env, every seed.")
+flags.DEFINE_multi_string("extra",
+                          ["metafetch:ald:distill_steps_per_rl_step=8"],
+                          "env:agent:field=value[,...] runs, every seed.")
+flags.DEFINE_list("scale_agents", ["gtrxl", "ald"], "Agents of the scale "
+                  "group.")
 flags.DEFINE_list("thresholds", ["imaze=success_rate:0.9",
-                                 "metafetch=episode_return:5.0"],
+                                 "metafetch=episode_return:10.0"],
                   "env=metric:value: the smoothed training metric that counts "
                   "as 'reached'.")
 flags.DEFINE_integer("smooth_env_steps", 20_000, "Window (env steps) of the "
@@ -94,8 +116,8 @@ flags.DEFINE_string("out", os.path.join(_REPO_ROOT, "docs", "results.md"),
                     "The report; figures and summary.csv go to "
                     "<its dir>/results/.")
 flags.DEFINE_bool("only_report", False, "Train nothing; rebuild the report.")
-flags.DEFINE_integer("acting_iterations", 10, "Rollouts timed for the acting "
-                     "throughput (first seed of each main run only; 0: off).")
+flags.DEFINE_integer("acting_iterations", 20, "Rollouts timed per agent by "
+                     "the acting phase.")
 
 
 # ------------------------------------------------------------------ plan ---
@@ -106,7 +128,6 @@ class RunSpec(NamedTuple):
 
   group: 'sizing', 'main' or 'sweep'. label: its line in tables and plots.
   argv: run.py-style flags (without the program name) defining its Config.
-  measure_acting: whether to time rollouts alone.
   """
   group: str
   env: str
@@ -117,7 +138,6 @@ class RunSpec(NamedTuple):
   label: str
   logdir: str
   argv: Tuple[str, ...]
-  measure_acting: bool
 
 
 def _slug(text: str) -> str:
@@ -157,21 +177,22 @@ def base_config(env: str, config_dir: str) -> run_lib.Config:
 def make_spec(group: str, env: str, agent: str, seed: int, *, config_dir: str,
               runs_dir: str, budgets: Dict[str, int],
               env_args: Optional[str] = None, override: str = "",
-              label: Optional[str] = None,
-              measure_acting: bool = False) -> RunSpec:
+              label: Optional[str] = None) -> RunSpec:
   """The RunSpec of one run; its logdir is a function of what it trains."""
   base = base_config(env, config_dir)
   env_args = base.env_args if env_args is None else env_args
   budget = budgets.get(env, base.total_env_steps)
+  fields = run_lib.config_lib.parse_env_args(override)
+  budget = int(fields.pop("total_env_steps", budget))  # an override wins
   folder = f"{env}-{_slug(env_args)}-{budget}"
   name = f"{agent}{'-' + _slug(override) if override else ''}-s{seed}"
   logdir = os.path.join(runs_dir, folder, name)
   argv = [f"--flagfile={os.path.join(config_dir, f'{env}.cfg')}",
           f"--agent={agent}", f"--seed={seed}", f"--env_args={env_args}",
           f"--total_env_steps={budget}", f"--logdir={logdir}"]
-  argv += [f"--{item}" for item in filter(None, override.split(","))]
+  argv += [f"--{k}={v}" for k, v in fields.items()]
   return RunSpec(group, env, env_args, agent, seed, budget, label or agent,
-                 logdir, tuple(argv), measure_acting)
+                 logdir, tuple(argv))
 
 
 def plan(config_dir: str, runs_dir: str) -> List[RunSpec]:
@@ -183,20 +204,21 @@ def plan(config_dir: str, runs_dir: str) -> List[RunSpec]:
              parse_key_values(_FLAGS.budgets, "budgets").items()}
   common = dict(config_dir=config_dir, runs_dir=runs_dir, budgets=budgets)
   specs = []
-  for candidate in _FLAGS.sizing:
+  for candidate in filter(None, _FLAGS.sizing):  # --sizing= : none
     env, sep, env_args = candidate.partition(":")
     if not sep:
       raise ValueError(f"sizing: expected env:env_args, got {candidate!r}")
     for agent in ("lstm", "gtrxl"):
       specs.append(make_spec("sizing", env, agent, seeds[0], env_args=env_args,
                              label=f"{agent} {env_args}", **common))
+  main_seeds = {env: [int(s) for s in value.split(":")] for env, value in
+                parse_key_values(_FLAGS.main_seeds, "main_seeds").items()}
   for env in _FLAGS.envs:
     for agent in _FLAGS.agents:
       if agent not in AGENT_ORDER:
         raise ValueError(f"agents: unknown agent {agent!r}")
-      for i, seed in enumerate(seeds):
-        specs.append(make_spec("main", env, agent, seed,
-                               measure_acting=i == 0, **common))
+      for seed in main_seeds.get(env, seeds):
+        specs.append(make_spec("main", env, agent, seed, **common))
   if _FLAGS.sweep_env:
     base = base_config(_FLAGS.sweep_env, config_dir)
     for override in _FLAGS.sweep:
@@ -207,6 +229,18 @@ def plan(config_dir: str, runs_dir: str) -> List[RunSpec]:
             "sweep", _FLAGS.sweep_env, "ald", seed,
             override="" if unchanged else override,
             label=f"ald {override}", **common))
+    for override in filter(None, _FLAGS.scale):
+      for agent in _FLAGS.scale_agents:
+        for seed in seeds:
+          specs.append(make_spec("scale", _FLAGS.sweep_env, agent, seed,
+                                 override=override, label=agent, **common))
+  for item in filter(None, _FLAGS.extra):
+    env, agent, override = (item.split(":", 2) + ["", ""])[:3]
+    if agent not in AGENT_ORDER:
+      raise ValueError(f"extra: expected env:agent:overrides, got {item!r}")
+    for seed in seeds:
+      specs.append(make_spec("extra", env, agent, seed, override=override,
+                             label=f"{agent} {override}", **common))
   return specs
 
 
@@ -243,11 +277,7 @@ def train_spec(spec: RunSpec, stream: TextIO) -> bool:
   start = time.monotonic()
   warm_state, _ = trainer.train_iteration(trainer.init())
   jax.block_until_ready(warm_state)
-  info = {"compile_s": time.monotonic() - start,
-          "acting_env_steps_per_s": math.nan}
-  if spec.measure_acting and _FLAGS.acting_iterations > 0:
-    info["acting_env_steps_per_s"] = measure_acting(
-        trainer, warm_state, _FLAGS.acting_iterations)
+  info = {"compile_s": time.monotonic() - start}
   del warm_state
   os.makedirs(spec.logdir, exist_ok=True)
   start = time.monotonic()
@@ -264,17 +294,54 @@ def train_spec(spec: RunSpec, stream: TextIO) -> bool:
   return True
 
 
-def measure_acting(trainer, state, iterations: int) -> float:
-  """Env steps per second of the acting model's rollouts alone."""
+def acting_path(spec: RunSpec) -> str:
+  """Where the acting phase stores the acting throughput of spec's agent."""
+  return os.path.join(os.path.dirname(spec.logdir),
+                      f"acting-{spec.agent}.json")
+
+
+def measure_acting(spec: RunSpec, iterations: int) -> float:
+  """Env steps/s of the agent's acting model collecting segments (no learning).
+
+  Times `iterations` rollouts (`Trainer.collect`: acting model step + env step
+  in a jitted scan over vmapped envs) after one compiling call, then each of
+  the trainer's phases alone (ms per call, in the stored JSON); stored in
+  `acting_path(spec)` and reused when present.
+  """
+  path = acting_path(spec)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)["acting_env_steps_per_s"]
   import jax  # pylint: disable=g-import-not-at-top
-  state, segment = trainer.collect(state)  # compiles
+  from ald_jax import training  # pylint: disable=g-import-not-at-top
+  config = run_lib.parse_config(["study", *spec.argv])
+  trainer = training.make_trainer(config, run_lib.build_env(config))
+  state, segment = trainer.collect(trainer.init())  # compiles
   jax.block_until_ready(segment)
   start = time.monotonic()
   for _ in range(iterations):
     state, segment = trainer.collect(state)
   jax.block_until_ready(segment)
-  return iterations * trainer.env_steps_per_iteration / (
-      time.monotonic() - start)
+  rollout_s = (time.monotonic() - start) / iterations
+  steps_per_s = trainer.env_steps_per_iteration / rollout_s
+  phase_ms = {"rollout": 1000 * rollout_s}
+  calls = {"learner_update": lambda: trainer.phases["learner_update"](
+      state, segment)}
+  if "distillation" in trainer.phases:
+    calls["distillation"] = lambda: trainer.phases["distillation"](state)
+  for name, call in calls.items():
+    jax.block_until_ready(call())  # compiles
+    start = time.monotonic()
+    for _ in range(iterations):
+      out = call()
+    jax.block_until_ready(out)
+    phase_ms[name] = 1000 * (time.monotonic() - start) / iterations
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"acting_env_steps_per_s": steps_per_s, "phase_ms": phase_ms,
+               "iterations": iterations}, f, indent=2)
+  jax.clear_caches()
+  return steps_per_s
 
 
 # -------------------------------------------------------------- analysis ---
@@ -362,11 +429,37 @@ def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
       eval_success=evaluation["eval_success_rate"],
       eval_return=evaluation["eval_return"],
       steps_per_s=float(columns["env_steps"][-1] / columns["elapsed_s"][-1]),
-      acting_steps_per_s=info.get("acting_env_steps_per_s", math.nan),
+      acting_steps_per_s=_stored_acting(spec),
       compile_s=info.get("compile_s", math.nan),
       train_wall_s=info.get("train_wall_s", math.nan),
       kl_final=float(np.nanmean(kl[-5:])) if np.any(np.isfinite(kl[-5:]))
       else math.nan)
+
+
+def _stored_acting(spec: RunSpec) -> float:
+  if not os.path.exists(acting_path(spec)):
+    return math.nan
+  with open(acting_path(spec)) as f:
+    return json.load(f)["acting_env_steps_per_s"]
+
+
+def phase_table(specs: Sequence[RunSpec]) -> List[str]:
+  """Milliseconds per call of each trainer phase, one row per agent."""
+  lines = []
+  for spec in specs:
+    if not os.path.exists(acting_path(spec)):
+      continue
+    with open(acting_path(spec)) as f:
+      ms = json.load(f).get("phase_ms", {})
+    if not lines:
+      lines = ["| agent | rollout ms | learner update ms | distillation ms | "
+               "sum ms | rollout share |", "|---|---|---|---|---|---|"]
+    total = sum(ms.values())
+    lines.append(f"| {spec.agent} | {ms.get('rollout', math.nan):.1f} | "
+                 f"{ms.get('learner_update', math.nan):.1f} | "
+                 f"{_count(ms.get('distillation', math.nan))} | {total:.1f} | "
+                 f"{ms.get('rollout', math.nan) / total:.0%} |")
+  return lines
 
 
 class Aggregate(NamedTuple):
@@ -424,6 +517,10 @@ def aggregate(label: str, results: Sequence[RunResult]) -> Aggregate:
 # ---------------------------------------------------------------- report ---
 
 
+def _count(value: float) -> str:
+  return "-" if not np.isfinite(value) else f"{value:,.0f}"
+
+
 def _k(steps: float) -> str:
   return "-" if not np.isfinite(steps) else f"{steps / 1000:.0f}k"
 
@@ -440,7 +537,7 @@ def _reach_cells(agg: Aggregate) -> Tuple[str, str]:
   if not agg.num_reached:
     return "not reached", "not reached"
   steps = (f"{agg.steps_mean / 1000:.0f}k ± {agg.steps_std / 1000:.0f}k")
-  seconds = f"{agg.seconds_mean:.0f} ± {agg.seconds_std:.0f}"
+  seconds = f"{agg.seconds_mean:.1f} ± {agg.seconds_std:.1f}"
   return steps, seconds
 
 
@@ -456,11 +553,10 @@ def results_table(aggs: Sequence[Aggregate], metric: str) -> List[str]:
     steps, seconds = _reach_cells(agg)
     lines.append(
         f"| {agg.label} | {agg.num_reached}/{agg.num_runs} | {steps} | "
-        f"{seconds} | {_k(agg.censored_steps)} / {agg.censored_s:.0f} | "
+        f"{seconds} | {_k(agg.censored_steps)} / {agg.censored_s:.1f} | "
         f"{_pm(agg.eval_success)} | {_pm(agg.eval_return)} | "
         f"{_pm(agg.final_train)} | {agg.steps_per_s:,.0f} | "
-        f"{'-' if not np.isfinite(agg.acting_steps_per_s) else f'{agg.acting_steps_per_s:,.0f}'}"
-        f" | {agg.compile_s:.0f} |")
+        f"{_count(agg.acting_steps_per_s)} | {agg.compile_s:.0f} |")
   return lines
 
 
@@ -476,7 +572,7 @@ def per_seed_table(results_by_label: Dict[str, List[RunResult]]) -> List[str]:
       if r is None:
         cells.append("not run")
       elif np.isfinite(r.reach_steps):
-        cells.append(f"{_k(r.reach_steps)} / {r.reach_s:.0f}s")
+        cells.append(f"{_k(r.reach_steps)} / {r.reach_s:.1f}s")
       else:
         cells.append(f"> {_k(r.spec.budget)} (final {r.final_train:.2f})")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -504,8 +600,10 @@ def claims_table(aggs: Dict[str, Aggregate]) -> List[str]:
     value = getattr(a, attr) / getattr(b, attr)
     exact = a.num_reached == a.num_runs and b.num_reached == b.num_runs
     holds = value <= limit if less else value >= limit
-    lines.append(f"| {name} | {value:.2f}x ({getattr(a, attr):,.0f} vs "
-                 f"{getattr(b, attr):,.0f}){'' if exact else ' (censored)'} | "
+    digits = 1 if attr == "censored_s" else 0
+    lines.append(f"| {name} | {value:.2f}x ({getattr(a, attr):,.{digits}f} vs "
+                 f"{getattr(b, attr):,.{digits}f})"
+                 f"{'' if exact else ' (censored)'} | "
                  f"{'yes' if holds else 'no'} |")
 
   row("gtrxl needs >= 2x fewer env steps than lstm (lstm / gtrxl)", lstm,
@@ -614,7 +712,8 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
     base = base_config(env, _FLAGS.config_dir)
     budget = next(s.budget for s in specs if s.env == env)
     env_lines.append(
-        f"- **{env}** (`{base.env_args}`): budget {budget:,} env steps per run; "
+        f"- **{env}** (`{base.env_args}`): budget {budget:,} env steps per run;"
+        f" "
         f"threshold: smoothed training {metric.replace('_', ' ')} >= "
         f"{threshold:g}. Config: `experiments/configs/study/{env}.cfg` "
         f"(num_envs {base.num_envs}, unroll {base.unroll_length}, LSTM "
@@ -635,7 +734,9 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
       "after the budget.",
       "- Wall-clock excludes XLA compilation (one warm-up iteration before the "
       "clock starts; its time is the *compile s* column). *Acting env steps/s*:"
-      " rollouts alone (`Trainer.collect`), first seed. *Train env steps/s*: "
+      f" the acting model collecting segments alone (`Trainer.collect`, "
+      f"{_FLAGS.acting_iterations} segments after a compiling one, untrained "
+      f"params; a separate `acting` phase). *Train env steps/s*: "
       "budget / training time (acting + learning + distillation).",
       "- *Censored mean*: mean over seeds, with a seed that never reached "
       "counted at the full budget (steps) or full training time (s): a lower "
@@ -647,7 +748,10 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
 
   groups = [("sizing", "Sizing sweep (lstm vs gtrxl, first seed)"),
             ("main", "Main study"),
-            ("sweep", "Distillation-ratio sweep (ald)")]
+            ("sweep", "Distillation-ratio sweep (ald)"),
+            ("extra", "Further ald runs"),
+            ("scale", "Larger learner (" + "; ".join(
+                f"`{o}`" for o in _FLAGS.scale) + ")")]
   for group, title in groups:
     group_results = [r for r in results if r.spec.group == group]
     if not group_results:
@@ -664,9 +768,18 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
       lines += results_table(list(aggs.values()), metric) + [""]
       lines += ["Per seed (env steps / wall-clock s to threshold):", ""]
       lines += per_seed_table(by_label) + [""]
-      if group == "main":
+      if group in ("main", "scale"):
         lines += ["Paper's claims (censored means):", ""]
         lines += claims_table(aggs) + [""]
+      if group == "main":
+        first = {}
+        for r in env_results:
+          first.setdefault(r.spec.agent, r.spec)
+        table = phase_table(list(first.values()))
+        if table:
+          lines += ["Cost of one iteration (one [T, B] segment) by phase, "
+                    "each timed alone by the acting phase (untrained params, "
+                    "ms per call):", ""] + table + [""]
       lines += _plots(env_results, f"{group}_{env}", fig_dir, metric,
                       rel_dir) + [""]
       kl_results = [r for r in env_results if r.spec.agent == "ald"]
@@ -707,6 +820,12 @@ def main(argv: Sequence[str]) -> None:
             flush=True)
       if not train_spec(spec, sys.stdout):
         print("  complete already; skipped", flush=True)
+    if "acting" in _FLAGS.phases:
+      for spec in specs:
+        if spec.group == "main" and spec.seed == int(_FLAGS.seeds[0]):
+          print(f"acting {spec.env} {spec.agent}: "
+                f"{measure_acting(spec, _FLAGS.acting_iterations):,.0f} env "
+                f"steps/s", flush=True)
   shown = [a for a in sys.argv[1:]]
   write_report(specs, _FLAGS.out, shown)
   print(f"wrote {_FLAGS.out}", flush=True)

@@ -1,4 +1,4 @@
-"""Tests of experiments/study.py: its analysis functions and a tiny end-to-end run."""
+"""Tests of experiments/study.py: analysis functions, a tiny end-to-end run."""
 import csv
 import importlib.util
 import os
@@ -99,14 +99,16 @@ def test_tiny_study_end_to_end(tmp_path):
   runs = tmp_path / "runs"
   args = [sys.executable, STUDY_PY, f"--config_dir={config_dir}",
           f"--runs_dir={runs}", f"--out={out}", "--envs=imaze",
-          "--agents=lstm", "--seeds=0", "--sweep_env=",
-          "--thresholds=imaze=success_rate:0.0", "--acting_iterations=2"]
+          "--agents=lstm", "--seeds=0", "--sweep_env=", "--sizing=", "--extra=",
+          "--thresholds=imaze=success_rate:0.0", "--phases=main,acting",
+          "--acting_iterations=2"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   first = subprocess.run(args, capture_output=True, text=True, timeout=120,
                          env=env, check=False)
   assert first.returncode == 0, first.stderr[-3000:]
-  logdir = runs / "imaze-corridor_length1-200" / "lstm-s0"
+  logdir = runs / "imaze-corridorlength1-200" / "lstm-s0"
   assert (logdir / "eval.json").exists() and (logdir / "study.json").exists()
+  assert (logdir.parent / "acting-lstm.json").exists()
   report = out.read_text()
   assert "## Main study" in report and "| lstm | 1/1 |" in report
   with open(out.parent / "results" / "summary.csv") as f:
