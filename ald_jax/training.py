@@ -192,6 +192,35 @@ def _first(timestep: TimeStep) -> jax.Array:
   return timestep.step_type == StepType.FIRST
 
 
+# What the per-iteration finite check looks at, in bit order of the
+# `nonfinite` metric (int32, 0 when everything is finite).
+NONFINITE_QUANTITIES = (
+    "env rewards/observations", "RL loss", "RL gradients", "RL-trained params",
+    "distillation loss", "distillation gradients", "distilled actor params")
+
+
+def describe_nonfinite(mask: int) -> str:
+  """Names of the quantities flagged in a `nonfinite` metric value."""
+  names = [name for bit, name in enumerate(NONFINITE_QUANTITIES)
+           if int(mask) >> bit & 1]
+  return ", ".join(names) if names else "none"
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """bool []: every float leaf of `tree` is finite (True for no leaves)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _nonfinite_mask(finite: Dict[str, jax.Array]) -> jax.Array:
+  """int32 [] bitmask over NONFINITE_QUANTITIES, reduced over devices."""
+  bad = jnp.stack([~finite.get(name, jnp.bool_(True))
+                   for name in NONFINITE_QUANTITIES]).astype(jnp.int32)
+  bad = jnp.minimum(jax.lax.psum(bad, AXIS), 1)
+  return jnp.sum(bad << jnp.arange(len(NONFINITE_QUANTITIES), dtype=jnp.int32))
+
+
 def make_trainer(config: Config, env: Environment) -> Trainer:
   """Builds the jitted training iteration, state initialiser and evaluator."""
   config.validate()
@@ -428,6 +457,7 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
       rl_params, duals, rl_opt_state, dual_opt_state = carry
       (grads, dual_grads), aux = grad_fn(rl_params, duals, state, segment)
       grads, dual_grads = jax.lax.pmean((grads, dual_grads), AXIS)
+      aux[0]["finite_grads"] = _all_finite((grads, dual_grads))
       updates, rl_opt_state = rl_optimiser.update(grads, rl_opt_state,
                                                   rl_params)
       rl_params = optax.apply_updates(rl_params, updates)
@@ -443,8 +473,10 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
     rl_params, duals, rl_opt_state, dual_opt_state = carry
     # Metrics and the carried learner state of the first pass (pre-update
     # params, like the segment's data).
+    grads_finite = jnp.all(aux[0].pop("finite_grads"))
     metrics, next_learner_state, mask, outputs_now = jax.tree.map(
         lambda x: x[0], aux)
+    metrics["finite_grads"] = grads_finite
     learner_steps = state.iteration + 1
     refresh = learner_steps % config.target_update_period == 0
     target_params = jax.tree.map(lambda new, old: jnp.where(refresh, new, old),
@@ -492,29 +524,61 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
         jax.lax.stop_gradient(learner_value), batch.mask,
         alpha_pi=config.alpha_pi, alpha_v=config.alpha_v, axis_name=AXIS)
 
-  def distill(state: TrainState, rng: jax.Array):
-    replay = state.replay
-    rows_total = config.replay_segments * local_envs
+  def sample_distill_batch(replay: Replay, key: jax.Array) -> Replay:
+    """This device's share of one distillation minibatch from the replay.
 
+    The rows (segment, env) are drawn without replacement from the GLOBAL
+    replay (every device draws the same permutation), so that the minibatch
+    does not depend on how the envs are split over devices. With several
+    devices each chosen row lives on one device: a masked psum hands every
+    device the whole minibatch, of which it keeps its slice. Empty replay
+    slots have mask 0.
+    """
+    rows = jax.random.permutation(
+        key, config.replay_segments * config.num_envs)[:distill_rows]
+    seg_idx, env_idx = rows // config.num_envs, rows % config.num_envs
+    device = jax.lax.axis_index(AXIS) if num_devices > 1 else 0
+    local_env_idx = env_idx - device * local_envs
+    on_this_device = (local_env_idx >= 0) & (local_env_idx < local_envs)
+    local_env_idx = jnp.clip(local_env_idx, 0, local_envs - 1)
+
+    def gather(x, time_major):
+      # [R, T, B, ...] -> [T, n, ...] or [R, B, ...] -> [n, ...].
+      if time_major:
+        rows_x = x[seg_idx, :, local_env_idx].swapaxes(0, 1)
+        row_axis = 1
+      else:
+        rows_x = x[seg_idx, local_env_idx]
+        row_axis = 0
+      if num_devices == 1:
+        return rows_x
+      keep = on_this_device.reshape(
+          (1,) * row_axis + (-1,) + (1,) * (rows_x.ndim - row_axis - 1))
+      summable = rows_x.astype(jnp.int32) if rows_x.dtype == bool else rows_x
+      full = jax.lax.psum(jnp.where(keep, summable, 0), AXIS)
+      mine = jax.lax.dynamic_slice_in_dim(
+          full, device * local_distill_rows, local_distill_rows,
+          axis=row_axis)
+      return mine.astype(rows_x.dtype)
+
+    time_major = ("observation", "start", "mask", "learner_logits",
+                  "learner_value")
+    return replay._replace(
+        **{name: jax.tree.map(lambda x: gather(x, True), getattr(replay, name))
+           for name in time_major},
+        actor_state=jax.tree.map(lambda x: gather(x, False),
+                                 replay.actor_state),
+        learner_state=jax.tree.map(lambda x: gather(x, False),
+                                   replay.learner_state))
+
+  def distill(state: TrainState, rng: jax.Array):
     def one_distill_step(carry, key):
       actor_params, opt_state = carry
-      # Rows (segment, env) without replacement; empty slots have mask 0.
-      rows = jax.random.permutation(key, rows_total)[:local_distill_rows]
-      seg_idx, env_idx = rows // local_envs, rows % local_envs
-      # [R, T, B, ...] -> [T, n, ...] and [R, B, ...] -> [n, ...].
-      take_tb = lambda x: x[seg_idx, :, env_idx].swapaxes(0, 1)  # noqa: E731
-      take_b = lambda x: x[seg_idx, env_idx]  # noqa: E731
-      time_major = (replay.observation, replay.start, replay.mask,
-                    replay.learner_logits, replay.learner_value)
-      batch = replay._replace(
-          **dict(zip(("observation", "start", "mask", "learner_logits",
-                      "learner_value"), jax.tree.map(take_tb, time_major))),
-          actor_state=jax.tree.map(take_b, replay.actor_state),
-          learner_state=jax.tree.map(take_b, replay.learner_state))
+      batch = sample_distill_batch(state.replay, key)
       (loss, metrics), grads = jax.value_and_grad(distill_loss, has_aux=True)(
           actor_params, state.params["learner"], batch)
-      metrics = {**metrics, "loss": loss}
       grads = jax.lax.pmean(grads, AXIS)
+      metrics = {**metrics, "loss": loss, "finite_grads": _all_finite(grads)}
       updates, opt_state = distill_optimiser.update(grads, opt_state,
                                                     actor_params)
       actor_params = optax.apply_updates(actor_params, updates)
@@ -524,7 +588,9 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
     (actor_params, opt_state), metrics = jax.lax.scan(
         one_distill_step, (state.params["actor"], state.distill_opt_state),
         keys)
+    finite_grads = jnp.all(metrics.pop("finite_grads"))
     metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["finite_grads"] = finite_grads
     state = state._replace(params={**state.params, "actor": actor_params},
                            distill_opt_state=opt_state)
     return state, metrics
@@ -549,6 +615,21 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
       state, distill_metrics = distill(state, distill_key)
       metrics.update({f"distill/{k}": v for k, v in distill_metrics.items()})
       metrics["actor_loss"] = distill_metrics["loss"]
+    # One cheap finite check of what this iteration saw and produced; the host
+    # stops the run (and writes no checkpoint) on the first flagged iteration.
+    ts = segment.timesteps
+    finite = {
+        "env rewards/observations": _all_finite((ts.reward, ts.observation)),
+        "RL loss": jnp.isfinite(metrics["learner_loss"]),
+        "RL gradients": metrics.pop("finite_grads"),
+        "RL-trained params": _all_finite(
+            (state.params[roles.policy], state.params[roles.value],
+             state.duals)),
+    }
+    if roles.distill:
+      finite["distillation loss"] = jnp.isfinite(metrics["actor_loss"])
+      finite["distillation gradients"] = metrics.pop("distill/finite_grads")
+      finite["distilled actor params"] = _all_finite(state.params["actor"])
     stats = state.episode_stats
     state = state._replace(
         iteration=state.iteration + 1,
@@ -559,6 +640,7 @@ def make_trainer(config: Config, env: Environment) -> Trainer:
          "success_count": stats.success_count}, AXIS))
     metrics["iteration"] = state.iteration
     metrics["env_steps"] = state.env_steps
+    metrics["nonfinite"] = _nonfinite_mask(finite)
     return state, metrics
 
   pmapped_iteration = jax.pmap(iteration_device, axis_name=AXIS,

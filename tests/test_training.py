@@ -120,48 +120,60 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
     from ald_jax.config import Config
     from envs import registry
     assert jax.local_device_count() == 2, jax.devices()
-    params, moved, losses = [], [], []
-    for num_devices in (1, 2):
-      config = Config(agent={agent!r}, env="recall", env_args="delay=2",
-                      num_envs=8, unroll_length=6, total_env_steps=10**6,
-                      encoder_hidden=16, lstm_hidden=16, gtrxl_layers=1,
-                      gtrxl_heads=2, gtrxl_d_model=16, gtrxl_mlp_width=16,
-                      gtrxl_memory_len=4, replay_segments=1,
-                      distill_batch_envs=0, num_devices=num_devices)
-      trainer = training.make_trainer(config, registry.make("recall", delay=2))
-      state = trainer.init()
-      start = jax.device_get(trainer.unreplicate_params(state))
-      run_losses = []
-      for _ in range(3):
-        state, metrics = trainer.train_iteration(state)
-        run_losses.append(float(metrics["learner_loss"]))
-      params.append(jax.device_get(trainer.unreplicate_params(state)))
-      moved.append(max(jax.tree.leaves(jax.tree.map(
-          lambda a, b: float(np.abs(a - b).max()), params[-1], start))))
-      losses.append(run_losses)
-    max_diff = max(jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.abs(a - b).max()), params[0], params[1])))
-    print("LOSSES", losses, "MOVED", moved, "MAXDIFF", max_diff)
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-    # Adam divides by the gradient's running RMS, so float32 summation-order
-    # noise in near-zero gradient entries can show up as a fraction of one
-    # step (lr = 3e-4); a real difference would be of the size of the moves.
-    assert moved[0] > 5e-4, moved
-    assert max_diff < 1e-4, max_diff
+    for replay_segments, distill_batch_envs in {cases!r}:
+      params, moved, losses = [], [], []
+      for num_devices in (1, 2):
+        config = Config(agent={agent!r}, env="recall", env_args="delay=2",
+                        num_envs=8, unroll_length=6, total_env_steps=10**6,
+                        encoder_hidden=16, lstm_hidden=16, gtrxl_layers=1,
+                        gtrxl_heads=2, gtrxl_d_model=16, gtrxl_mlp_width=16,
+                        gtrxl_memory_len=4, replay_segments=replay_segments,
+                        distill_batch_envs=distill_batch_envs,
+                        num_devices=num_devices)
+        trainer = training.make_trainer(config,
+                                        registry.make("recall", delay=2))
+        state = trainer.init()
+        start = jax.device_get(trainer.unreplicate_params(state))
+        run_losses = []
+        # More iterations than replay slots: sampling reaches old segments.
+        for _ in range(max(3, replay_segments + 2)):
+          state, metrics = trainer.train_iteration(state)
+          run_losses.append((float(metrics["learner_loss"]),
+                             float(metrics["actor_loss"])))
+        params.append(jax.device_get(trainer.unreplicate_params(state)))
+        moved.append(max(jax.tree.leaves(jax.tree.map(
+            lambda a, b: float(np.abs(a - b).max()), params[-1], start))))
+        losses.append(run_losses)
+      max_diff = max(jax.tree.leaves(jax.tree.map(
+          lambda a, b: float(np.abs(a - b).max()), params[0], params[1])))
+      print("CASE", replay_segments, distill_batch_envs, "LOSSES", losses,
+            "MOVED", moved, "MAXDIFF", max_diff)
+      np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+      # Adam divides by the gradient's running RMS, so float32 summation-order
+      # noise in near-zero gradient entries can show up as a fraction of one
+      # step (lr = 3e-4); a real difference would be of the size of the moves.
+      assert moved[0] > 5e-4, moved
+      assert max_diff < 1e-4, max_diff
+    print("ALL_CASES_EQUAL")
 """)
 
 
-@pytest.mark.parametrize("agent", ["ald", "lstm"])
-def test_one_and_two_devices_give_the_same_parameters(agent):
+@pytest.mark.parametrize("agent,cases", [
+    # (replay_segments, distill_batch_envs): the defaults (4, 0), the current
+    # segment only, and minibatches smaller than a segment.
+    ("ald", [(4, 0), (1, 0), (4, 4), (3, 6)]),
+    ("lstm", [(4, 0)]), ("gtrxl", [(4, 0)]), ("asym", [(4, 0)])])
+def test_one_and_two_devices_give_the_same_parameters(agent, cases):
   env = dict(os.environ)
   env["NPROC"] = "4"
   env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=60")
   proc = subprocess.run(
-      [sys.executable, "-c", _TWO_DEVICE_SCRIPT.format(repo=REPO, agent=agent)],
-      capture_output=True, text=True, timeout=300, env=env)
+      [sys.executable, "-c", _TWO_DEVICE_SCRIPT.format(
+          repo=REPO, agent=agent, cases=cases)],
+      capture_output=True, text=True, timeout=400, env=env)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  assert "MAXDIFF" in proc.stdout
+  assert "ALL_CASES_EQUAL" in proc.stdout
 
 
 def test_invalid_device_split_is_rejected():
