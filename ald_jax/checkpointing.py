@@ -56,11 +56,17 @@ def _leaf_name(path: Sequence[Any]) -> str:
 
 
 def tree_digest(tree: PyTree) -> str:
-  """SHA-256 (hex) of a pytree of arrays: leaf names, dtypes, shapes, bytes."""
+  """SHA-256 (hex) of a pytree of arrays: leaf names, dtypes, shapes, bytes.
+
+  Leaves are taken in name order, so a tree restored without a template
+  (nested dicts and lists) has the same digest as the NamedTuples saved.
+  """
   digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  named = sorted((_leaf_name(path), leaf) for path, leaf in
+                 jax.tree_util.tree_flatten_with_path(tree)[0])
+  for name, leaf in named:
     leaf = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(f"{_leaf_name(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
+    digest.update(f"{name}|{leaf.dtype.str}|{leaf.shape}|".encode())
     digest.update(leaf.tobytes())
   return digest.hexdigest()
 
@@ -114,14 +120,15 @@ class Checkpointer:
     """The newest checkpoint's step, or None when there is none."""
     return self._manager.latest_step()
 
-  def restore(self, step: int, like: PyTree, *,
+  def restore(self, step: int, like: Optional[PyTree] = None, *,
               require_finite: bool = False) -> PyTree:
     """Reads checkpoint `step` into the structure of `like` and verifies it.
 
     Args:
       step: an existing checkpoint step.
       like: a pytree of NumPy arrays with the expected structure, shapes and
-        dtypes (e.g. the host copy of a freshly initialised state).
+        dtypes (e.g. the host copy of a freshly initialised state); None
+        reads the saved arrays as nested dicts and lists (still verified).
       require_finite: also reject a checkpoint holding NaN or inf.
     Returns:
       A pytree like `like` holding the saved NumPy arrays.
@@ -137,7 +144,8 @@ class Checkpointer:
       raise ValueError(f"step: no checkpoint {step} in {self.directory} "
                        f"(have {self.all_steps()})")
     try:
-      self._check_matches(step, like)
+      if like is not None:
+        self._check_matches(step, like)
     except CheckpointMismatchError:
       raise
     except Exception as err:  # pylint: disable=broad-except
@@ -154,6 +162,8 @@ class Checkpointer:
     try:
       restored = self._manager.restore(int(step),
                                        args=ocp.args.StandardRestore(like))
+      if restored is None:
+        raise ValueError("nothing restored")
       restored = jax.tree.map(np.asarray, restored)
     except Exception as err:  # pylint: disable=broad-except
       raise CorruptCheckpointError(
@@ -165,7 +175,7 @@ class Checkpointer:
       raise CorruptCheckpointError(f"checkpoint {step}: holds NaN or inf")
     return restored
 
-  def restore_latest(self, like: PyTree, *,
+  def restore_latest(self, like: Optional[PyTree] = None, *,
                      warn: Callable[[str], None] = lambda line: None,
                      require_finite: bool = True) -> Tuple[int, PyTree]:
     """The newest checkpoint that verifies, falling back past corrupt ones.
@@ -194,6 +204,11 @@ class Checkpointer:
     raise CorruptCheckpointError(
         f"no usable checkpoint in {self.directory}"
         + (f" ({'; '.join(skipped)})" if skipped else ""))
+
+  def delete(self, step: int) -> None:
+    """Removes checkpoint `step` (e.g. a corrupt one that a resume skipped)."""
+    self.wait_until_finished()
+    self._manager.delete(int(step))
 
   def saved_shapes(self, step: int) -> Dict[str, Tuple[Tuple[int, ...],
                                                        np.dtype]]:

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, Tuple
 
-AGENTS = ("lstm", "gtrxl", "asym", "ald")
+# The one list of agents lives with their roles (ald_jax/agents.py).
+from ald_jax.agents import AGENTS  # pylint: disable=g-import-not-at-top
 RL_LOSSES = ("vmpo", "ppo")
 DISTILL_TARGETS = ("recompute", "stored")
 BUILTIN_ENVS = ("recall", "imaze", "metafetch")
@@ -124,6 +126,10 @@ class Config:
       if not ok:
         raise ValueError(f"{name}: {reason} (got {getattr(self, name)!r})")
 
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, float):
+        need(math.isfinite(value), field.name, "must be a finite number")
     need(self.agent in AGENTS, "agent", f"must be one of {', '.join(AGENTS)}")
     need(self.rl_loss in RL_LOSSES, "rl_loss",
          f"must be one of {', '.join(RL_LOSSES)}")

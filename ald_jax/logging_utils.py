@@ -138,11 +138,14 @@ class MetricsWriter:
   (`resume_iteration` given) keeps the existing rows with `iteration <=
   resume_iteration` (rows logged after the restored checkpoint describe
   training that is about to be redone), keeps the header and appends after
-  them. Without `resume_iteration` an existing file is replaced.
+  them. Without `resume_iteration` an existing file is replaced. TensorBoard
+  is told to drop events after `resume_step` (its `purge_step`), so curves
+  have no duplicate either. The training loop writes a row at every
+  checkpoint, so the kept rows end exactly at the restored iteration.
   """
 
   def __init__(self, logdir: str, *, resume_iteration: Optional[int] = None,
-               tensorboard: bool = True):
+               resume_step: Optional[int] = None, tensorboard: bool = True):
     os.makedirs(logdir, exist_ok=True)
     self.csv_path = os.path.join(logdir, METRICS_CSV)
     self._fieldnames: Optional[List[str]] = None
@@ -162,8 +165,11 @@ class MetricsWriter:
       self._start_csv(self._fieldnames)
       self._writer.writerows(kept_rows)
       self._file.flush()
-    self._tensorboard = (tensorboardX.SummaryWriter(logdir) if tensorboard
-                         else None)
+    purge_step = (resume_step + 1 if resume_iteration is not None
+                  and resume_step is not None else None)
+    self._tensorboard = (tensorboardX.SummaryWriter(logdir,
+                                                    purge_step=purge_step)
+                         if tensorboard else None)
 
   def _start_csv(self, fieldnames: List[str]) -> None:
     self._fieldnames = fieldnames

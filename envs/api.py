@@ -122,3 +122,129 @@ def previous_action_and_reward(num_actions: int, action: Array,
   """
   one_hot = jax.nn.one_hot(action, num_actions, dtype=jnp.float32)
   return jnp.concatenate([one_hot, jnp.reshape(reward, (1,)).astype(jnp.float32)])
+
+
+# ------------------------------------------------- checking a user's env ---
+
+_REQUIRED = ("num_actions", "observation_size", "reset", "step", "success")
+
+
+def _first_line(err: BaseException) -> str:
+  lines = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def _weak_leaves(tree: Any) -> list:
+  return [jax.tree_util.keystr(path) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree)[0]
+          if getattr(leaf, "weak_type", False)]
+
+
+def check_environment(env: Any) -> bool:
+  """Checks that `env` follows this API, by tracing one `reset` and `step`.
+
+  Nothing is compiled or run: `jax.eval_shape` traces the functions. Checked:
+  the methods and sizes exist (sizes are positive ints); `reset(key)` and
+  `step(state, action)` return (state, TimeStep) with step_type int32 [],
+  reward and discount float32 [], observation float32 [observation_size];
+  `step` returns a state of the same structure, shapes and dtypes as `reset`;
+  `success(state)` is a bool-like [].
+
+  Returns:
+    Whether the env's state has weak-typed leaves (e.g. `jnp.array(0)` in
+    `reset`): harmless once wrapped in `StrongTypes`, but without it the
+    state's types change after the first step and a jitted loop compiles
+    twice.
+  Raises:
+    ValueError: one line naming what is wrong.
+  """
+  missing = [name for name in _REQUIRED if not hasattr(env, name)]
+  if missing:
+    raise ValueError(f"{type(env).__name__} object is not an environment "
+                     f"(missing {', '.join(missing)}; see envs/api.py)")
+  for name in ("num_actions", "observation_size"):
+    value = getattr(env, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+        or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  try:
+    state, first = jax.eval_shape(env.reset, key)
+  except Exception as err:  # pylint: disable=broad-except
+    raise ValueError(f"reset(key) fails: {_first_line(err)}") from err
+  _check_timestep("reset", first, env.observation_size)
+  action = jax.ShapeDtypeStruct((), jnp.int32)
+  try:
+    next_state, mid = jax.eval_shape(env.step, state, action)
+    success = jax.eval_shape(env.success, next_state)
+  except Exception as err:  # pylint: disable=broad-except
+    raise ValueError(f"step(state, action) or success(state) fails: "
+                     f"{_first_line(err)}") from err
+  _check_timestep("step", mid, env.observation_size)
+  strip = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: (x.shape, jnp.dtype(x.dtype)), tree)
+  try:
+    same = strip(state) == strip(next_state)
+  except Exception:  # pylint: disable=broad-except
+    same = False
+  if not same:
+    raise ValueError("step returns a state of another structure, shape or "
+                     "dtype than reset's (the state must keep its layout)")
+  if np.shape(success) != () or not (
+      jnp.issubdtype(success.dtype, jnp.bool_)
+      or jnp.issubdtype(success.dtype, jnp.integer)):
+    raise ValueError(f"success(state) must be a bool [], got "
+                     f"{success.dtype}{list(np.shape(success))}")
+  return bool(_weak_leaves(state) or _weak_leaves(next_state))
+
+
+def _check_timestep(where: str, ts: Any, observation_size: int) -> None:
+  if not isinstance(ts, TimeStep):
+    raise ValueError(f"{where} must return (state, envs.api.TimeStep), got "
+                     f"a {type(ts).__name__} time step")
+  want = {"step_type": ((), jnp.int32), "reward": ((), jnp.float32),
+          "discount": ((), jnp.float32),
+          "observation": ((observation_size,), jnp.float32)}
+  for name, (shape, dtype) in want.items():
+    leaf = getattr(ts, name)
+    if tuple(leaf.shape) != shape or jnp.dtype(leaf.dtype) != dtype:
+      raise ValueError(
+          f"{where}: TimeStep.{name} must be {jnp.dtype(dtype).name}"
+          f"{list(shape)}, got {jnp.dtype(leaf.dtype).name}{list(leaf.shape)}")
+
+
+def strong_types(tree: Any) -> Any:
+  """`tree` with weak-typed leaves cast to strong ones of the same dtype."""
+  return jax.tree.map(
+      lambda x: jax.lax.convert_element_type(x, x.dtype)
+      if getattr(x, "weak_type", False) else x, tree)
+
+
+class StrongTypes:
+  """Wraps an env so that its states and time steps have no weak types.
+
+  A leaf such as `jnp.array(0)` in `reset` is weakly typed; after one `step`
+  it may not be, so a jitted training iteration sees new input types on its
+  second call and compiles again. Casting once at the env boundary (a no-op
+  in the compiled program) removes that. Other attributes pass through.
+  """
+
+  def __init__(self, env: Any):
+    self.env = env
+
+  def reset(self, key):
+    return strong_types(self.env.reset(key))
+
+  def step(self, state, action):
+    return strong_types(self.env.step(state, action))
+
+  def __getattr__(self, name):
+    if name == "env":  # not set yet (e.g. while unpickling)
+      raise AttributeError(name)
+    return getattr(self.env, name)
+
+  def __hash__(self):
+    return hash((StrongTypes, self.env))
+
+  def __eq__(self, other):
+    return isinstance(other, StrongTypes) and other.env == self.env

@@ -4,13 +4,18 @@ r"""Trains one agent on one environment: the ald_jax command-line entry point.
         --logdir=runs/recall_ald_s0 --seed=0
 
 Every `ald_jax.config.Config` field is a flag of the same name (`--helpfull`
-lists them). All flags, the env arguments and the logdir are checked before
-anything is compiled; a bad value exits with status 2 and one line
+lists them). All flags, the env (one traced `reset` and `step`), the memory the
+buffers need and the logdir are checked before anything is compiled or
+written; a bad value exits with status 2 and one line
 `run.py: error: --<flag>: <reason>`.
 
-Writes to `--logdir`: `config.json`, `metrics.csv` (one row per progress line),
-TensorBoard event files, `checkpoints/<iteration>/` and, after the final greedy
-evaluation, `eval.json`. `--resume` continues from the latest checkpoint.
+Writes to `--logdir`: `config.json`, `metrics.csv` (one row per progress line
+and one at every checkpoint), TensorBoard event files, `checkpoints/<iteration>/`
+(verified by a checksum) and, after the final greedy evaluation, `eval.json`.
+`--resume` continues from the newest checkpoint that verifies. The logdir is
+locked for the run's lifetime (`.lock`). Exit codes: 0 done, 2 bad input
+(flags, env, logdir, checkpoints, memory, disk), 3 a non-finite loss, gradient
+or parameter (the run stops before checkpointing it; see docs/reliability.md).
 """
 import os
 import sys
@@ -27,9 +32,11 @@ os.environ.setdefault("NPROC", "4")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
+import errno
 import importlib
 import json
 import math
+import tempfile
 import time
 from typing import (Any, Callable, Dict, List, NoReturn, Optional, Sequence,
                     TextIO, Tuple)
@@ -42,6 +49,7 @@ import numpy as np
 
 from ald_jax import checkpointing
 from ald_jax import config as config_lib
+from ald_jax import logdir_lock
 from ald_jax import logging_utils
 from envs import api as env_api
 from envs import registry
@@ -53,6 +61,10 @@ CONFIG_JSON = "config.json"
 EVAL_JSON = "eval.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 CHECKPOINTS_TO_KEEP = 3
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+# Refuse sizes whose buffers alone need more than this share of the memory.
+MEMORY_FRACTION = 0.5
 EVAL_SEED_OFFSET = 10_000
 # Fields that may change when resuming: they do not change what is trained.
 RESUMABLE_FIELDS = frozenset({
@@ -121,19 +133,78 @@ def _factory_resolves(name: str) -> bool:
     return False
 
 
+def _env_label(config: Config) -> str:
+  return config.env + (f"({config.env_args})" if config.env_args else "")
+
+
 def build_env(config: Config) -> env_api.Environment:
-  """Constructs the env (cheap, compiles nothing).
+  """Constructs the env and checks its outputs (traces, compiles nothing).
+
+  One `reset` and `step` are traced (`envs.api.check_environment`): sizes,
+  shapes and dtypes of the time steps, a state that keeps its layout. An env
+  whose state has weak-typed leaves is wrapped in `envs.api.StrongTypes`, so
+  that the training iteration compiles once.
 
   Raises:
-    ValueError: 'env: ...' when the name does not resolve, 'env_args: ...'
-      when the env rejects its arguments.
+    ValueError: 'env: ...' when the name does not resolve or the env breaks
+      the API, 'env_args: ...' when the env rejects its arguments.
   """
   kwargs = config_lib.parse_env_args(config.env_args)
   try:
-    return registry.make(config.env, **kwargs)
+    env = registry.make(config.env, **kwargs)
   except (ValueError, TypeError, ImportError, AttributeError) as err:
     field = "env_args" if _factory_resolves(config.env) else "env"
     raise ValueError(f"{field}: {err}") from err
+  try:
+    weak_state = env_api.check_environment(env)
+  except ValueError as err:
+    # A built-in env that fails with the given arguments: the arguments.
+    field = ("env_args" if config.env in config_lib.BUILTIN_ENVS
+             and config.env_args else "env")
+    raise ValueError(f"{field}: {_env_label(config)}: {err}") from err
+  return env_api.StrongTypes(env) if weak_state else env
+
+
+def check_memory(config: Config, env: env_api.Environment) -> None:
+  """Refuses sizes whose main buffers cannot fit in this machine's memory.
+
+  A lower bound (env states, one segment, the distillation replay, params
+  with their optimiser and target copies), traced with `jax.eval_shape`, so
+  that `--num_envs=10**8` fails here in one line instead of in XLA's
+  allocator (or the kernel's OOM killer).
+
+  Raises:
+    ValueError: naming the size flags and the estimate.
+  """
+  from ald_jax import training  # pylint: disable=g-import-not-at-top
+  nbytes = lambda tree: sum(  # noqa: E731
+      math.prod(x.shape) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree))
+  key = jax.ShapeDtypeStruct((2,), np.uint32)
+  env_bytes = nbytes(jax.eval_shape(env.reset, key))
+  steps_kept = config.unroll_length * (
+      1 + (config.replay_segments if config.agent == "ald" else 0))
+  per_env = env_bytes * (config.unroll_length + 1) + steps_kept * 4 * (
+      env.observation_size + 2 * env.num_actions + 4)
+  models = training.build_models(config, env)
+  # Params, Adam's two moments, the gradients and the V-MPO target copy.
+  param_bytes = 5 * sum(nbytes(jax.eval_shape(model.init, key))
+                        for model in models.values())
+  need = config.num_envs * per_env + param_bytes
+  try:
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError):
+    return
+  if need > MEMORY_FRACTION * have:
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    field = "num_envs" if config.num_envs * per_env >= param_bytes else (
+        "gtrxl_d_model")
+    raise ValueError(
+        f"{field}: these sizes need at least {gib(need)} (num_envs="
+        f"{config.num_envs}, unroll_length={config.unroll_length}, "
+        f"replay_segments={config.replay_segments}, model params "
+        f"{gib(param_bytes)} with optimiser copies), over "
+        f"{MEMORY_FRACTION:.0%} of this machine's {gib(have)}")
 
 
 def _checkpoint_dir(logdir: str) -> str:
@@ -146,6 +217,32 @@ def latest_checkpoint(logdir: str) -> Optional[int]:
     return None
   with checkpointing.Checkpointer(_checkpoint_dir(logdir)) as ckpt:
     return ckpt.latest_step()
+
+
+def check_logdir_writable(logdir: str) -> None:
+  """Checks that `logdir` is (or can be created as) a writable directory.
+
+  Creates nothing that stays: a probe file is opened and deleted in the
+  nearest existing ancestor (permission bits alone do not tell: root ignores
+  them, a read-only mount does not).
+
+  Raises:
+    ValueError: 'logdir: <reason>'.
+  """
+  path = os.path.abspath(logdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"logdir: {logdir} exists and is not a directory")
+  ancestor = path
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise ValueError(f"logdir: cannot create {logdir}: {ancestor} is not a "
+                     f"directory")
+  try:
+    tempfile.TemporaryFile(dir=ancestor).close()
+  except OSError as err:
+    raise ValueError(f"logdir: {ancestor} is not writable "
+                     f"({err.strerror or err})") from err
 
 
 def check_logdir(config: Config) -> None:
@@ -164,8 +261,11 @@ def check_logdir(config: Config) -> None:
                      f"or choose another --logdir")
   saved_path = os.path.join(config.logdir, CONFIG_JSON)
   if config.resume and os.path.exists(saved_path):
-    with open(saved_path) as f:
-      saved = json.load(f)
+    try:
+      with open(saved_path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as err:
+      raise ValueError(f"resume: cannot read {saved_path} ({err})") from err
     for field in dataclasses.fields(Config):
       if field.name in RESUMABLE_FIELDS or field.name not in saved:
         continue
@@ -176,13 +276,15 @@ def check_logdir(config: Config) -> None:
 
 
 def prepare(config: Config) -> env_api.Environment:
-  """Every check that needs no compilation; returns the env.
+  """Every check that needs no compilation and writes nothing; returns the env.
 
   Raises:
     ValueError: '<field>: <reason>' for the first problem found.
   """
   config.validate()
   env = build_env(config)
+  check_memory(config, env)
+  check_logdir_writable(config.logdir)
   check_logdir(config)
   return env
 
@@ -190,16 +292,60 @@ def prepare(config: Config) -> env_api.Environment:
 # ------------------------------------------------------------- training ---
 
 
+class NonFiniteError(RuntimeError):
+  """A training iteration produced NaN or inf (see training.NONFINITE_QUANTITIES).
+
+  Attributes:
+    iteration: the first flagged iteration (1-based).
+    quantities: what was not finite, e.g. 'RL loss, RL gradients'.
+    last_checkpoint: the newest checkpoint on disk (all are finite), or None.
+  """
+
+  def __init__(self, iteration: int, quantities: str,
+               last_checkpoint: Optional[int]):
+    self.iteration = iteration
+    self.quantities = quantities
+    self.last_checkpoint = last_checkpoint
+    kept = (f"checkpoints up to iteration {last_checkpoint} are kept"
+            if last_checkpoint is not None else "no checkpoint was written")
+    super().__init__(
+        f"non-finite values at iteration {iteration} in {quantities}; the "
+        f"run stopped and this state was not saved ({kept}). Lower the "
+        f"learning rates or check the env's rewards and observations")
+
+
 def _scalar(value: Any) -> float:
   """A host float from a scalar (or device-replicated) metric."""
   return float(np.ravel(np.asarray(value))[0])
 
 
-def _fetch_episode_counts(metrics: Dict[str, Any]
-                          ) -> Tuple[float, float, float]:
-  """(episodes finished, their return sum, successes) of one iteration."""
-  values = jax.device_get(tuple(metrics[k] for k in _EPISODE_COUNTERS))
-  return tuple(_scalar(v) for v in values)
+def _describe_nonfinite(mask: int) -> str:
+  from ald_jax import training  # pylint: disable=g-import-not-at-top
+  return training.describe_nonfinite(mask)
+
+
+class _IterationRecord:
+  """Host-side bookkeeping of finished iterations: episodes and finiteness."""
+
+  def __init__(self, checkpoints: checkpointing.Checkpointer):
+    self.episodes = logging_utils.EpisodeAccumulator()
+    self._checkpoints = checkpoints
+
+  def add(self, metrics: Dict[str, Any]) -> None:
+    """Adds one iteration's episode counters; raises NonFiniteError if flagged.
+
+    Fetching blocks until that iteration has run.
+    """
+    nonfinite = metrics.get("nonfinite", 0)
+    counts, nonfinite, iteration = jax.device_get(
+        (tuple(metrics[k] for k in _EPISODE_COUNTERS), nonfinite,
+         metrics["iteration"]))
+    if int(_scalar(nonfinite)):
+      self._checkpoints.wait_until_finished()
+      raise NonFiniteError(int(_scalar(iteration)),
+                           _describe_nonfinite(int(_scalar(nonfinite))),
+                           self._checkpoints.latest_step())
+    self.episodes.add(*(_scalar(v) for v in counts))
 
 
 def _interval_row(metrics: Dict[str, float],
@@ -223,8 +369,54 @@ def _interval_row(metrics: Dict[str, float],
 
 def write_config_json(config: Config) -> None:
   os.makedirs(config.logdir, exist_ok=True)
-  with open(os.path.join(config.logdir, CONFIG_JSON), "w") as f:
+  path = os.path.join(config.logdir, CONFIG_JSON)
+  with open(path + ".tmp", "w") as f:
     json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _restore(config: Config, trainer: Any,
+             ckpt: checkpointing.Checkpointer, stream: TextIO
+             ) -> Tuple[int, Any]:
+  """(iteration, device state) of the newest checkpoint that verifies.
+
+  Raises:
+    ValueError: no usable checkpoint, another device count or structure.
+  """
+  like = trainer.to_host(trainer.init())
+  warn = lambda line: print(  # noqa: E731
+      f"warning: {line}; removed, resuming from an older checkpoint",
+      file=stream, flush=True)
+  try:
+    iteration, host = ckpt.restore_latest(like, warn=warn)
+  except checkpointing.CheckpointMismatchError as err:
+    saved_devices = _saved_device_count(ckpt)
+    if saved_devices is not None and saved_devices != trainer.num_devices:
+      raise ValueError(
+          f"num_devices: the checkpoint was written with {saved_devices} "
+          f"device(s), this run uses {trainer.num_devices}; resume with "
+          f"--num_devices={saved_devices} on a machine that has them") from err
+    raise ValueError(f"resume: {err} (was it written with another --agent, "
+                     f"--env or model sizes?)") from err
+  except checkpointing.CorruptCheckpointError as err:
+    raise ValueError(f"resume: {err}") from err
+  # Newer steps were skipped as corrupt: they would block the saves that
+  # retrace their iterations.
+  for step in ckpt.all_steps():
+    if step > iteration:
+      ckpt.delete(step)
+  return iteration, trainer.from_host(host)
+
+
+def _saved_device_count(ckpt: checkpointing.Checkpointer) -> Optional[int]:
+  """Leading axis of the newest checkpoint's 'iteration' leaf, if readable."""
+  for step in reversed(ckpt.all_steps()):
+    try:
+      shape = ckpt.saved_shapes(step).get("iteration", ((None,), None))[0]
+    except Exception:  # pylint: disable=broad-except
+      continue
+    return shape[0] if shape else None
+  return None
 
 
 def train(config: Config, env: env_api.Environment, *,
@@ -233,6 +425,9 @@ def train(config: Config, env: env_api.Environment, *,
           clock: Callable[[], float] = time.monotonic,
           ) -> Tuple[Any, Dict[str, float]]:
   """Runs (or resumes) training until `config.total_env_steps`.
+
+  Holds the logdir lock for the whole run; writes config.json only once a
+  resumed checkpoint has been verified.
 
   Args:
     config: a validated Config (see `prepare`).
@@ -244,7 +439,9 @@ def train(config: Config, env: env_api.Environment, *,
     (final device state, the host metrics of the last iteration as floats;
     empty when a resumed run had nothing left to do).
   Raises:
-    ValueError: config.resume without a checkpoint, or one that does not fit.
+    ValueError: the logdir is locked by another run, config.resume without a
+      usable checkpoint, or one that does not fit.
+    NonFiniteError: an iteration produced NaN/inf (nothing of it is saved).
   """
   stream = stream or sys.stdout
   if trainer is None:
@@ -253,18 +450,30 @@ def train(config: Config, env: env_api.Environment, *,
     trainer = training.make_trainer(config, env)
   steps_per_iteration = trainer.env_steps_per_iteration
   total_iterations = math.ceil(config.total_env_steps / steps_per_iteration)
-  write_config_json(config)
+  with logdir_lock.LogdirLock(config.logdir) as lock:
+    if lock.note:
+      print(f"note: {lock.note}", file=stream, flush=True)
+    check_logdir(config)  # again, now that no other run can change it
+    return _train_locked(config, trainer, total_iterations, stream, clock)
+
+
+def _train_locked(config: Config, trainer: Any, total_iterations: int,
+                  stream: TextIO, clock: Callable[[], float]
+                  ) -> Tuple[Any, Dict[str, float]]:
+  steps_per_iteration = trainer.env_steps_per_iteration
   with checkpointing.Checkpointer(_checkpoint_dir(config.logdir),
                                   max_to_keep=CHECKPOINTS_TO_KEEP) as ckpt:
     if config.resume:
-      iteration = ckpt.latest_step()
-      if iteration is None:
-        raise ValueError(f"resume: no checkpoint in {ckpt.directory}")
-      like = trainer.to_host(trainer.init())
-      state = trainer.from_host(ckpt.restore(iteration, like))
+      iteration, state = _restore(config, trainer, ckpt, stream)
+      if iteration >= total_iterations:
+        print(f"note: the checkpoint is at iteration {iteration} "
+              f"({iteration * steps_per_iteration} env steps), at or past "
+              f"--total_env_steps={config.total_env_steps}: nothing to train",
+              file=stream, flush=True)
     else:
       iteration = 0
       state = trainer.init()
+    write_config_json(config)
     print(f"{config.agent} on {config.env}"
           f"{' (' + config.env_args + ')' if config.env_args else ''}: "
           f"{trainer.num_devices} device(s), {steps_per_iteration} env steps "
@@ -272,11 +481,12 @@ def train(config: Config, env: env_api.Environment, *,
           f"logdir {config.logdir}", file=stream, flush=True)
     with logging_utils.MetricsWriter(
         config.logdir,
-        resume_iteration=iteration if config.resume else None) as writer:
-      episodes = logging_utils.EpisodeAccumulator()
+        resume_iteration=iteration if config.resume else None,
+        resume_step=iteration * steps_per_iteration) as writer:
+      record = _IterationRecord(ckpt)
       start_time = last_line_time = clock()
       last_line_steps = float(iteration * steps_per_iteration)
-      pending = None  # newest iteration's metrics, not yet in `episodes`
+      pending = None  # newest iteration's metrics, not yet in `record`
       host_metrics: Dict[str, float] = {}
       while iteration < total_iterations:
         state, metrics = trainer.train_iteration(state)
@@ -284,11 +494,15 @@ def train(config: Config, env: env_api.Environment, *,
         # Fetching the previous iteration's counters lets the device run this
         # one meanwhile, while still bounding how far the host runs ahead.
         if pending is not None:
-          episodes.add(*_fetch_episode_counts(pending))
+          record.add(pending)
         pending = metrics
         is_last = iteration == total_iterations
-        if is_last or clock() - last_line_time >= config.log_every_seconds:
-          episodes.add(*_fetch_episode_counts(pending))
+        every = config.checkpoint_every_iterations
+        checkpoint_due = is_last or bool(every and iteration % every == 0)
+        # A row at every checkpoint: a resume then truncates metrics.csv to
+        # that row, leaving no gap and no duplicate.
+        if checkpoint_due or clock() - last_line_time >= config.log_every_seconds:
+          record.add(pending)  # raises before a non-finite state is saved
           pending = None
           host_metrics = {k: _scalar(v)
                           for k, v in jax.device_get(metrics).items()}
@@ -297,6 +511,7 @@ def train(config: Config, env: env_api.Environment, *,
           steps_per_s = (env_steps - last_line_steps) / max(
               now - last_line_time, 1e-9)
           elapsed_s = writer.resumed_elapsed_s + now - start_time
+          episodes = record.episodes
           writer.write(_interval_row(host_metrics, episodes, elapsed_s,
                                      steps_per_s), step=int(env_steps))
           # The first line's rate includes compilation: no estimate from it.
@@ -314,8 +529,7 @@ def train(config: Config, env: env_api.Environment, *,
               else remaining_s)), file=stream, flush=True)
           episodes.reset()
           last_line_time, last_line_steps = now, env_steps
-        every = config.checkpoint_every_iterations
-        if is_last or (every and iteration % every == 0):
+        if checkpoint_due:
           ckpt.save(iteration, trainer.to_host(state))
   return state, host_metrics
 
@@ -348,17 +562,60 @@ def _error_line(err: Exception) -> str:
   return f"run.py: error: {message}"
 
 
-def _exit_with_error(err: Exception) -> NoReturn:
+def _exit_with_error(err: Exception, code: int = EXIT_BAD_INPUT) -> NoReturn:
   print(_error_line(err), file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(code)
+
+
+def _flagfiles(argv: Sequence[str]) -> List[str]:
+  """The --flagfile paths named on the command line."""
+  paths = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--flagfile="):
+      paths.append(arg.partition("=")[2])
+    elif arg == "--flagfile" and i + 1 < len(argv):
+      paths.append(argv[i + 1])
+  return paths
 
 
 def _parse_flags_or_exit(argv: List[str]) -> List[str]:
-  """absl's flags parser, reporting bad flags in one line (no usage dump)."""
+  """absl's flags parser, reporting bad flags in one line (no usage dump).
+
+  With --only_check_args, runs every pre-compile check too and exits 0 or 2.
+  """
+  for path in _flagfiles(argv):
+    if not os.path.isfile(path):
+      _exit_with_error(ValueError(f"--flagfile: no such file: {path}"))
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as err:
-    _exit_with_error(err)
+    # absl prefixes some messages with 'ERROR:' fragments; drop them.
+    _exit_with_error(ValueError(str(err).replace("ERROR::", "").strip()))
+  if flags.FLAGS.only_check_args:
+    try:
+      if len(rest) > 1:
+        raise ValueError(f"unexpected positional arguments {rest[1:]}")
+      prepare(config_from_flags(flags.FLAGS))
+    except ValueError as err:
+      _exit_with_error(err)
+    print("run.py: flags ok", flush=True)
+    sys.exit(0)
+  return rest
+
+
+def _os_error(err: BaseException) -> Optional[OSError]:
+  """The OSError that caused `err` (orbax wraps those of its writer), if any."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    if isinstance(err, OSError):
+      return err
+    seen.add(id(err))
+    err = err.__cause__ or err.__context__
+  return None
+
+
+def _out_of_memory(err: BaseException) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -372,10 +629,25 @@ def main(argv: Sequence[str]) -> None:
     env = prepare(config)
     from ald_jax import training  # pylint: disable=g-import-not-at-top
     trainer = training.make_trainer(config, env)
+    state, _ = train(config, env, trainer=trainer)
+    evaluate_and_save(trainer, state, config)
+  except NonFiniteError as err:
+    _exit_with_error(err, EXIT_NONFINITE)
   except ValueError as err:
     _exit_with_error(err)
-  state, _ = train(config, env, trainer=trainer)
-  evaluate_and_save(trainer, state, config)
+  except Exception as err:  # pylint: disable=broad-except
+    os_error = _os_error(err)
+    if os_error is not None:
+      _exit_with_error(ValueError(
+          f"logdir: cannot write to {config.logdir}: "
+          f"{os_error.strerror or os_error}"
+          + (" (disk full)" if os_error.errno == errno.ENOSPC else "")))
+    if _out_of_memory(err):
+      first_line = str(err).strip().splitlines()[0][:120]
+      _exit_with_error(ValueError(
+          f"num_envs: out of memory ({first_line}); reduce --num_envs, "
+          f"--unroll_length, --replay_segments or the model sizes"))
+    raise
 
 
 if __name__ == "__main__":
