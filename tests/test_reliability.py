@@ -156,3 +156,216 @@ def test_nonfinite_flag_of_the_trainer_names_the_quantity():
   _, metrics = huge.train_iteration(huge.init())
   names = training.describe_nonfinite(int(metrics["nonfinite"]))
   assert "distillation loss" in names, names
+
+
+# ------------------------------------------------------------ logdir lock ---
+
+
+_HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from ald_jax import logdir_lock
+with logdir_lock.LogdirLock({logdir!r}):
+  print("LOCKED", flush=True)
+  time.sleep(60)
+"""
+
+
+def test_lock_is_exclusive_while_held_and_taken_over_when_stale(tmp_path):
+  logdir = str(tmp_path / "run")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", _HOLD_LOCK.format(repo=REPO, logdir=logdir)],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "LOCKED"
+    with pytest.raises(logdir_lock.LogdirBusyError,
+                       match=f"in use by another run \\(pid {holder.pid} "):
+      logdir_lock.LogdirLock(logdir).acquire()
+  finally:
+    os.kill(holder.pid, signal.SIGKILL)  # dies holding it: a stale lock
+    holder.wait()
+  with open(os.path.join(logdir, logdir_lock.LOCK_FILE)) as f:
+    assert json.load(f)["pid"] == holder.pid  # the dead owner's record
+  with logdir_lock.LogdirLock(logdir) as lock:
+    assert lock.note and f"pid {holder.pid}" in lock.note
+  with logdir_lock.LogdirLock(logdir) as lock:  # released cleanly: no note
+    assert lock.note is None
+
+
+def test_second_run_in_a_logdir_stops_and_the_first_is_intact(tmp_path):
+  logdir = str(tmp_path / "run")
+  first = subprocess.Popen(
+      [sys.executable, RUN_PY, f"--logdir={logdir}", "--total_env_steps=40000",
+       "--checkpoint_every_iterations=0", "--log_every_seconds=0.5"]
+      + TINY_FLAGS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    lock_path = os.path.join(logdir, logdir_lock.LOCK_FILE)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(logdir, "metrics.csv")):
+      assert first.poll() is None and time.time() < deadline, first.stderr
+      time.sleep(0.2)
+    with open(lock_path) as f:
+      assert json.load(f)["pid"] == first.pid
+    second = _run([f"--logdir={logdir}", "--seed=7"] + TINY_FLAGS)
+    _assert_one_line_error(second, 2, "--logdir: ", "in use by another run",
+                           f"pid {first.pid}")
+    out, err = first.communicate(timeout=300)
+  finally:
+    if first.poll() is None:
+      os.kill(first.pid, signal.SIGKILL)
+  assert first.returncode == 0, err[-3000:]
+  with open(os.path.join(logdir, "config.json")) as f:
+    assert json.load(f)["seed"] == 0
+  rows = _csv_rows(logdir)
+  assert rows and all(len(row) == len(rows[0]) and None not in row
+                      for row in rows)
+  assert int(rows[-1]["env_steps"]) >= 40000
+  assert os.path.exists(os.path.join(logdir, "eval.json"))
+
+
+def _csv_rows(logdir):
+  with open(os.path.join(logdir, "metrics.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------ verified resume ---
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A tiny ald trainer and config, shared (compiled once)."""
+  training = importlib.import_module("ald_jax.training")
+  from envs import registry
+  config = Config(agent="ald", env="recall", env_args="delay=2", num_envs=8,
+                  unroll_length=8, encoder_hidden=16, lstm_hidden=16,
+                  gtrxl_layers=1, gtrxl_heads=2, gtrxl_d_model=16,
+                  gtrxl_mlp_width=16, gtrxl_memory_len=4, replay_segments=2,
+                  checkpoint_every_iterations=2, log_every_seconds=1e9,
+                  eval_episodes=8)
+  env = registry.make("recall", delay=2)
+  return config, env, training.make_trainer(config, env)
+
+
+def _train(tiny, logdir, iterations, resume=False):
+  config, env, trainer = tiny
+  run = importlib.import_module("experiments.run")
+  config = dataclasses.replace(
+      config, logdir=logdir, resume=resume,
+      total_env_steps=iterations * config.env_steps_per_iteration)
+  out = io.StringIO()
+  state, _ = run.train(config, env, trainer=trainer, stream=out)
+  return trainer.to_host(state), out.getvalue()
+
+
+def _flip_bytes(directory, step):
+  for root, _, names in os.walk(os.path.join(directory, str(step))):
+    for name in names:
+      if os.path.basename(root) == "d":
+        with open(os.path.join(root, name), "r+b") as f:
+          data = bytearray(f.read())
+          for i in range(0, len(data), 5):
+            data[i] ^= 0xFF
+          f.seek(0)
+          f.write(data)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_equals_resuming_from_it(
+    tiny, tmp_path):
+  straight, _ = _train(tiny, str(tmp_path / "straight"), 8)
+  logdir = str(tmp_path / "split")
+  _train(tiny, logdir, 6)  # checkpoints 2, 4, 6
+  _flip_bytes(os.path.join(logdir, "checkpoints"), 6)
+  resumed, out = _train(tiny, logdir, 8, resume=True)
+  warnings = [l for l in out.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 1 and "checkpoint 6" in warnings[0], out
+  assert "iterations 4->8" in out
+  # Resuming from 4 and training to 8 is the uninterrupted run (deterministic).
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  rows = _csv_rows(logdir)
+  assert [int(r["iteration"]) for r in rows] == [2, 4, 6, 8]
+
+
+def test_failed_resume_writes_nothing(tiny, tmp_path):
+  logdir = str(tmp_path / "run")
+  _train(tiny, logdir, 2)
+  config_path = os.path.join(logdir, "config.json")
+  with open(config_path) as f:
+    saved = f.read()
+  flags = [f"--logdir={logdir}", "--resume", "--total_env_steps=640",
+           "--checkpoint_every_iterations=2", "--log_every_seconds=1e9"] + [
+               f for f in TINY_FLAGS if f != "--eval_episodes=8"] + [
+                   "--eval_episodes=8"]
+  # Another config than the saved one.
+  bad = _run(flags + ["--lstm_hidden=8"])
+  _assert_one_line_error(bad, 2, "--lstm_hidden: differs")
+  with open(config_path) as f:
+    assert f.read() == saved
+  # config.json gone and another agent: the checkpoint's structure differs.
+  os.remove(config_path)
+  bad = _run([f for f in flags if f != "--agent=ald"] + ["--agent=lstm"])
+  _assert_one_line_error(bad, 2, "--resume: ", "another structure")
+  assert not os.path.exists(config_path)
+  assert not os.path.exists(os.path.join(logdir, "eval.json"))
+  with checkpointing.Checkpointer(os.path.join(logdir, "checkpoints")) as ckpt:
+    assert ckpt.all_steps() == [2]
+
+
+def test_resume_on_another_device_count_is_one_line(tiny, tmp_path):
+  config, _, trainer = tiny
+  logdir = str(tmp_path / "run")
+  run = importlib.import_module("experiments.run")
+  # What a 2-device run would have saved: every leaf with 2 device rows.
+  host = trainer.to_host(trainer.init())
+  two = jax.tree.map(lambda x: np.concatenate([x, x]), host)
+  run.write_config_json(dataclasses.replace(config, logdir=logdir))
+  with checkpointing.Checkpointer(os.path.join(logdir, "checkpoints")) as ckpt:
+    ckpt.save(3, two)
+  bad = _run([f"--logdir={logdir}", "--resume", "--total_env_steps=640",
+              "--checkpoint_every_iterations=2", "--log_every_seconds=1e9"]
+             + TINY_FLAGS)
+  _assert_one_line_error(bad, 2, "--num_devices: ", "2 device(s)")
+
+
+# ----------------------------------------------------- metrics after kill ---
+
+
+def _wait_for_rows(logdir, process, count, timeout=240):
+  deadline = time.time() + timeout
+  while True:
+    assert process.poll() is None, "finished before it could be killed"
+    assert time.time() < deadline
+    try:
+      if len(_csv_rows(logdir)) >= count:
+        return
+    except (OSError, KeyError):
+      pass
+    time.sleep(0.05)
+
+
+def test_kill_9_and_resume_leaves_each_iteration_once_in_metrics(tmp_path):
+  flags = ["--total_env_steps=64000", "--checkpoint_every_iterations=100",
+           "--log_every_seconds=0.000001", "--eval_episodes=8"] + [
+               f for f in TINY_FLAGS if f != "--eval_episodes=8"]
+  straight = str(tmp_path / "straight")
+  result = _run([f"--logdir={straight}"] + flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  logdir = str(tmp_path / "killed")
+  process = subprocess.Popen(
+      [sys.executable, RUN_PY, f"--logdir={logdir}"] + flags,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    _wait_for_rows(logdir, process, 650)  # past checkpoints 100..600
+  finally:
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+  result = _run([f"--logdir={logdir}", "--resume"] + flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  want, got = _csv_rows(straight), _csv_rows(logdir)
+  iterations = [int(r["iteration"]) for r in got]
+  assert iterations == list(range(1, 1001)), (iterations[:3], len(iterations))
+  assert [r["episodes"] for r in got] == [r["episodes"] for r in want]
+  assert sum(float(r["episodes"]) for r in got) == sum(
+      float(r["episodes"]) for r in want)
