@@ -110,6 +110,11 @@ class Config:
                                             "checkpoints (0: only at the end).")
   resume: bool = _field(False, "Continue from the latest checkpoint in logdir.")
   eval_episodes: int = _field(64, "Greedy evaluation episodes at the end.")
+  compilation_cache_dir: str = _field(
+      "", "JAX's persistent compilation cache: a second identical run loads "
+      "its compiled programs instead of compiling again ('': "
+      "$XDG_CACHE_HOME or ~/.cache /ald_jax/jax_compilation_cache; 'none': "
+      "off).")
 
   @property
   def env_steps_per_iteration(self) -> int:

@@ -48,6 +48,7 @@ import jax
 import numpy as np
 
 from ald_jax import checkpointing
+from ald_jax import compile_watch
 from ald_jax import config as config_lib
 from ald_jax import logdir_lock
 from ald_jax import logging_utils
@@ -69,7 +70,8 @@ EVAL_SEED_OFFSET = 10_000
 # Fields that may change when resuming: they do not change what is trained.
 RESUMABLE_FIELDS = frozenset({
     "total_env_steps", "logdir", "log_every_seconds",
-    "checkpoint_every_iterations", "resume", "eval_episodes"})
+    "checkpoint_every_iterations", "resume", "eval_episodes",
+    "compilation_cache_dir"})
 # The trainer's per-iteration episode counters; the CSV holds their sums over
 # each logged interval instead (episodes, episode_return, success_rate).
 _EPISODE_COUNTERS = ("episode_count", "episode_return_sum", "success_count")
@@ -419,6 +421,16 @@ def _saved_device_count(ckpt: checkpointing.Checkpointer) -> Optional[int]:
   return None
 
 
+def _startup_line(counts: Dict[str, float], seconds: float) -> str:
+  """How long the first iteration took to start, and what the cache gave."""
+  line = f"first iteration done in {seconds:.1f}s"
+  if counts["cache_requests"] and jax.config.jax_compilation_cache_dir:
+    line += (f" ({int(counts['cache_hits'])} of "
+             f"{int(counts['cache_requests'])} compiled programs from the "
+             f"compilation cache)")
+  return line
+
+
 def train(config: Config, env: env_api.Environment, *,
           trainer: Any = None,
           stream: Optional[TextIO] = None,
@@ -488,9 +500,30 @@ def _train_locked(config: Config, trainer: Any, total_iterations: int,
       last_line_steps = float(iteration * steps_per_iteration)
       pending = None  # newest iteration's metrics, not yet in `record`
       host_metrics: Dict[str, float] = {}
+      events = compile_watch.CompileEvents.install()
+      launch_time = clock()
+      first_iteration = iteration + 1
+      first_signature = None
       while iteration < total_iterations:
+        # Any trace after the first iteration's means it compiled again. The
+        # (donated) input keeps its types, read only when that happens.
+        previous_state = state
+        traces_before = events.counts()["traces"]
         state, metrics = trainer.train_iteration(state)
         iteration += 1
+        if first_signature is None:
+          first_signature = compile_watch.input_signature(previous_state)
+          jax.block_until_ready(metrics)
+          print(_startup_line(events.counts(), clock() - launch_time),
+                file=stream, flush=True)
+        elif events.counts()["traces"] > traces_before:
+          signature = compile_watch.input_signature(previous_state)
+          print(f"warning: the training iteration compiled again at "
+                f"iteration {iteration} (cause: "
+                f"{compile_watch.signature_change(first_signature, signature)})"
+                f"; expect a pause", file=stream, flush=True)
+          first_signature = signature
+        del previous_state
         # Fetching the previous iteration's counters lets the device run this
         # one meanwhile, while still bounding how far the host runs ahead.
         if pending is not None:
@@ -501,7 +534,9 @@ def _train_locked(config: Config, trainer: Any, total_iterations: int,
         checkpoint_due = is_last or bool(every and iteration % every == 0)
         # A row at every checkpoint: a resume then truncates metrics.csv to
         # that row, leaving no gap and no duplicate.
-        if checkpoint_due or clock() - last_line_time >= config.log_every_seconds:
+        # The first line comes right after the first (compiling) iteration.
+        if (checkpoint_due or iteration == first_iteration
+            or clock() - last_line_time >= config.log_every_seconds):
           record.add(pending)  # raises before a non-finite state is saved
           pending = None
           host_metrics = {k: _scalar(v)
@@ -627,6 +662,9 @@ def main(argv: Sequence[str]) -> None:
   config = config_from_flags(flags.FLAGS)
   try:
     env = prepare(config)
+    cache_dir = compile_watch.resolve_cache_dir(config.compilation_cache_dir)
+    if cache_dir:
+      compile_watch.enable_persistent_cache(cache_dir)
     from ald_jax import training  # pylint: disable=g-import-not-at-top
     trainer = training.make_trainer(config, env)
     state, _ = train(config, env, trainer=trainer)

@@ -369,3 +369,35 @@ def test_kill_9_and_resume_leaves_each_iteration_once_in_metrics(tmp_path):
   assert [r["episodes"] for r in got] == [r["episodes"] for r in want]
   assert sum(float(r["episodes"]) for r in got) == sum(
       float(r["episodes"]) for r in want)
+
+
+# ------------------------------------------------------------ recompiles ---
+
+
+def _weak_trainer_run(tmp_path, env):
+  training = importlib.import_module("ald_jax.training")
+  run = importlib.import_module("experiments.run")
+  config = Config(agent="lstm", env="tests.fault_envs:weak_state",
+                  num_envs=4, unroll_length=4, encoder_hidden=8,
+                  lstm_hidden=8, total_env_steps=4 * 4 * 3,
+                  checkpoint_every_iterations=0, log_every_seconds=1e9,
+                  logdir=str(tmp_path))
+  out = io.StringIO()
+  run.train(config, env, trainer=training.make_trainer(config, env),
+            stream=out)
+  return out.getvalue()
+
+
+def test_weak_typed_env_state_compiles_once(tmp_path):
+  run = importlib.import_module("experiments.run")
+  fault_envs = importlib.import_module("tests.fault_envs")
+  config = Config(env="tests.fault_envs:weak_state")
+  env = run.build_env(config)  # wraps it in StrongTypes
+  out = _weak_trainer_run(tmp_path / "wrapped", env)
+  assert "compiled again" not in out, out
+  # Without the wrapper the iteration's input types change after one step:
+  # the loop notices and names the leaf.
+  out = _weak_trainer_run(tmp_path / "raw", fault_envs.weak_state())
+  line = [l for l in out.splitlines() if "compiled again" in l]
+  assert len(line) == 1 and "at iteration 2" in line[0], out
+  assert "env_state" in line[0] and "(weak)" in line[0], line
