@@ -2,6 +2,8 @@
 
     python experiments/env_demo.py --env=imaze --steps=20
     python experiments/env_demo.py --env=imaze --policy=scripted
+    python experiments/env_demo.py --env=metafetch --env_args=size=5,num_objects=2
+    python experiments/env_demo.py --env=my_package.my_env:make
 
 The random policy draws uniform actions; the scripted one (I-Maze only) walks
 the shortest path to the cued goal.
@@ -17,11 +19,16 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ald_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from envs import api  # pylint: disable=g-import-not-at-top
 from envs import registry  # pylint: disable=g-import-not-at-top
 from envs.imaze import IMaze  # pylint: disable=g-import-not-at-top
 
-_ENV = flags.DEFINE_string("env", "imaze", "Registry name of the environment.")
+_ENV = flags.DEFINE_string("env", "imaze", "Built-in env name (recall|imaze|"
+                           "metafetch) or 'package.module:factory'.")
+_ENV_ARGS = flags.DEFINE_string(
+    "env_args", "", "Comma-separated key=value constructor arguments, as for "
+    "run.py, e.g. 'corridor_length=8'.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Number of steps to play.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _POLICY = flags.DEFINE_enum("policy", "random", ["random", "scripted"],
@@ -37,7 +44,13 @@ def main(argv):
   del argv
   if _STEPS.value < 1:
     raise app.UsageError(f"--steps must be >= 1, got {_STEPS.value}")
-  env = registry.make(_ENV.value)
+  try:
+    env = registry.make(_ENV.value,
+                        **config_lib.parse_env_args(_ENV_ARGS.value))
+    api.check_environment(env)
+  except (ValueError, TypeError) as err:
+    raise app.UsageError(f"--env={_ENV.value} --env_args={_ENV_ARGS.value!r}: "
+                         f"{err}") from err
   if _POLICY.value == "scripted" and not isinstance(env, IMaze):
     raise app.UsageError("--policy=scripted is only defined for --env=imaze")
   reset, step = jax.jit(env.reset), jax.jit(env.step)

@@ -613,6 +613,22 @@ def _flagfiles(argv: Sequence[str]) -> List[str]:
   return paths
 
 
+def _with_env_override_hint(err: ValueError, argv: Sequence[str],
+                            config: Config) -> ValueError:
+  """Says where --env_args came from when --env was changed on top of a
+  flagfile whose --env_args were meant for its own env."""
+  on_command_line = lambda name: any(  # noqa: E731
+      arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+  if (str(err).startswith("env_args:") and _flagfiles(argv)
+      and on_command_line("env") and not on_command_line("env_args")):
+    return ValueError(
+        f"{err} -- --env={config.env} was given on the command line but "
+        f"--env_args={config.env_args!r} comes from the flagfile, where it was "
+        f"meant for that file's env; pass --env_args=... for {config.env} "
+        f"(--env_args= for its defaults)")
+  return err
+
+
 def _parse_flags_or_exit(argv: List[str]) -> List[str]:
   """absl's flags parser, reporting bad flags in one line (no usage dump).
 
@@ -672,7 +688,7 @@ def main(argv: Sequence[str]) -> None:
   except NonFiniteError as err:
     _exit_with_error(err, EXIT_NONFINITE)
   except ValueError as err:
-    _exit_with_error(err)
+    _exit_with_error(_with_env_override_hint(err, sys.argv[1:], config))
   except Exception as err:  # pylint: disable=broad-except
     os_error = _os_error(err)
     if os_error is not None:

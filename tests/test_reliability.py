@@ -401,3 +401,33 @@ def test_weak_typed_env_state_compiles_once(tmp_path):
   line = [l for l in out.splitlines() if "compiled again" in l]
   assert len(line) == 1 and "at iteration 2" in line[0], out
   assert "env_state" in line[0] and "(weak)" in line[0], line
+
+
+def test_env_overridden_on_a_flagfile_names_where_env_args_came_from(
+    tmp_path):
+  logdir = tmp_path / "run"
+  result = _run(["--flagfile=experiments/configs/imaze_ald.cfg",
+                 "--env=recall", f"--logdir={logdir}"], timeout=120)
+  _assert_one_line_error(result, 2, "--env_args: ", "comes from the flagfile",
+                         "corridor_length=4")
+  assert not logdir.exists()
+  # Giving --env_args for the new env is the fix.
+  result = _run(["--flagfile=experiments/configs/imaze_ald.cfg",
+                 "--env=recall", "--env_args=delay=3", f"--logdir={logdir}",
+                 "--only_check_args"], timeout=120)
+  assert result.returncode == 0, result.stderr
+
+
+def test_env_demo_takes_env_args():
+  demo = os.path.join(REPO, "experiments", "env_demo.py")
+  result = subprocess.run(
+      [sys.executable, demo, "--env=imaze", "--env_args=corridor_length=2",
+       "--steps=1"], capture_output=True, text=True, timeout=120, cwd=REPO,
+      check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  maze = result.stdout.split("\n\n")[0].splitlines()[1:]
+  assert len(maze) == 6  # top wall, top row, corridor of 2, bottom row, wall
+  bad = subprocess.run(
+      [sys.executable, demo, "--env=imaze", "--env_args=corridor_lenth=2"],
+      capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+  assert bad.returncode != 0 and "corridor_lenth" in bad.stderr
