@@ -423,11 +423,11 @@ def _saved_device_count(ckpt: checkpointing.Checkpointer) -> Optional[int]:
 
 def _startup_line(counts: Dict[str, float], seconds: float) -> str:
   """How long the first iteration took to start, and what the cache gave."""
-  line = f"first iteration done in {seconds:.1f}s"
+  line = f"first iteration took {seconds:.1f}s, compiling included"
   if counts["cache_requests"] and jax.config.jax_compilation_cache_dir:
-    line += (f" ({int(counts['cache_hits'])} of "
-             f"{int(counts['cache_requests'])} compiled programs from the "
-             f"compilation cache)")
+    line += (f"; {int(counts['cache_hits'])} of "
+             f"{int(counts['cache_requests'])} compiled programs came from "
+             f"the compilation cache")
   return line
 
 
