@@ -2,6 +2,9 @@
 
 For each env and batch size, one jitted function runs `--num_steps` steps of
 `num_envs` vmapped envs with uniformly random actions inside a `lax.scan`.
+Each step's rewards and observations are summed into the scan's output, so
+that the observation is computed as a trainer would need it (were it unused,
+XLA would drop its computation; `--nouse_observations` measures that).
 Compile time is measured apart (first call); the reported rate is the median
 over `--repeats` timed calls (after one warm-up), each ended by
 `block_until_ready`. Prints a Markdown table and the machine.
@@ -34,12 +37,17 @@ _NUM_ENVS = flags.DEFINE_list("num_envs", ["1", "40", "1024"],
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 1000,
                                   "Scan length (steps per env per call).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (median reported).")
+_USE_OBSERVATIONS = flags.DEFINE_bool(
+    "use_observations", True,
+    "Sum the observations into the scan's output (else only the rewards, and "
+    "XLA skips computing the observations).")
 _QUICK = flags.DEFINE_bool("quick", False,
                            "Smoke run: 100 steps, 2 repeats, 1 and 40 envs.")
 
 
-def make_runner(env: api.Environment, num_envs: int,
-                num_steps: int) -> Callable[[jax.Array], Tuple]:
+def make_runner(env: api.Environment, num_envs: int, num_steps: int,
+                use_observations: bool = True
+               ) -> Callable[[jax.Array], Tuple]:
   """A jitted key -> final states: num_steps random steps of num_envs envs."""
 
   def run(key):
@@ -49,19 +57,23 @@ def make_runner(env: api.Environment, num_envs: int,
     def body(states, key):
       actions = jax.random.randint(key, (num_envs,), 0, env.num_actions)
       states, time_steps = jax.vmap(env.step)(states, actions)
-      return states, jnp.sum(time_steps.reward)
+      total = jnp.sum(time_steps.reward)
+      if use_observations:
+        total += jnp.sum(time_steps.observation)
+      return states, total
 
-    states, rewards = jax.lax.scan(body, states,
-                                   jax.random.split(action_key, num_steps))
-    return states, rewards
+    states, sums = jax.lax.scan(body, states,
+                                jax.random.split(action_key, num_steps))
+    return states, sums
 
   return jax.jit(run)
 
 
 def benchmark(env: api.Environment, num_envs: int, num_steps: int,
-              repeats: int) -> Tuple[float, float]:
+              repeats: int, use_observations: bool = True
+             ) -> Tuple[float, float]:
   """Returns (compile seconds, median env steps per second)."""
-  runner = make_runner(env, num_envs, num_steps)
+  runner = make_runner(env, num_envs, num_steps, use_observations)
   key = jax.random.PRNGKey(0)
   start = time.perf_counter()
   compiled = runner.lower(key).compile()
@@ -86,12 +98,14 @@ def main(argv):
     raise app.UsageError("num_steps, repeats and num_envs must be >= 1")
   envs = {name: registry.make(name) for name in _ENVS.value}
   print(bench_utils.machine_description())
-  print(f"{num_steps} steps per call, median of {repeats} calls\n")
+  print(f"{num_steps} steps per call, median of {repeats} calls, "
+        f"observations {'used' if _USE_OBSERVATIONS.value else 'unused'}\n")
   print("| env | num_envs | compile s | steps/s |")
   print("|---|---:|---:|---:|")
   for name, env in envs.items():
     for num_envs in batch_sizes:
-      compile_s, rate = benchmark(env, num_envs, num_steps, repeats)
+      compile_s, rate = benchmark(env, num_envs, num_steps, repeats,
+                                  _USE_OBSERVATIONS.value)
       print(f"| {name} | {num_envs} | {compile_s:.2f} | {rate:,.0f} |",
             flush=True)
 

@@ -586,3 +586,57 @@ def test_metafetch_time_limit_truncates_with_discount_one():
   assert int(final.step_type) == api.StepType.LAST
   assert float(final.discount) == 1.0
   assert not bool(env.success(final_state))
+
+
+# ----------------------------------------------------------------------------
+# Added with the Meta-Fetch speed-up: jitted + vmapped against plain stepping
+# over long rollouts, and the env's own random draws against jax.random.
+
+
+@pytest.mark.parametrize("env", ALL_ENVS, ids=ENV_IDS)
+def test_vmapped_jitted_steps_equal_unjitted_steps(env):
+  batch, num_steps, checked = 8, 200, 5
+  keys = jax.random.split(jax.random.PRNGKey(11), batch)
+  actions = np.random.default_rng(11).integers(
+      0, env.num_actions, (num_steps, batch)).astype(np.int32)
+
+  @jax.jit
+  def batched_rollout(keys, actions):
+    states, time_steps = jax.vmap(env.reset)(keys)
+
+    def body(states, actions):
+      states, time_steps = jax.vmap(env.step)(states, actions)
+      return states, (states, time_steps)
+
+    return (states, time_steps), jax.lax.scan(body, states, actions)[1]
+
+  first, rest = jax.device_get(batched_rollout(keys, actions))
+  state, time_step = env.reset(keys[checked])  # Not jitted, not vmapped.
+  assert_trees_equal((state, time_step), index(first, checked))
+  for t in range(num_steps):
+    state, time_step = env.step(state, jnp.int32(actions[t, checked]))
+    assert_trees_equal((state, time_step), index(index(rest, t), checked))
+  last = np.asarray(rest[1].step_type)[:, checked] == api.StepType.LAST
+  assert last.sum() >= 3  # Several episodes, so several auto-resets.
+  if env is METAFETCH:
+    assert np.asarray(rest[0].rounds_completed).max() >= 1  # Respawns too.
+
+
+def test_metafetch_random_draws_are_those_of_jax_random():
+  from envs import metafetch  # pylint: disable=g-import-not-at-top
+  maxvals, ks = (1, 3, 25, 100_000, 2**31 - 1), (1, 3, 24, 25)
+
+  def draws(key, scores):
+    ours = (metafetch._split(key, 4), metafetch._bits(key, 25),
+            [metafetch._randint(key, m) for m in maxvals],
+            [metafetch._top_k_indices(scores, k) for k in ks])
+    theirs = (jax.random.split(key, 4), jax.random.bits(key, (25,), jnp.uint32),
+              [jax.random.randint(key, (), 0, m) for m in maxvals],
+              [jax.lax.top_k(scores, k)[1] for k in ks])
+    return ours, theirs
+
+  keys = jax.random.split(jax.random.PRNGKey(12), 512)
+  # Scores with many ties: ranked as lax.top_k ranks them (lower index first).
+  scores = jax.random.randint(jax.random.PRNGKey(13), (512, 25), -1, 6)
+  ours, theirs = jax.jit(jax.vmap(draws))(keys, scores)
+  assert_trees_equal(ours, theirs)
