@@ -14,6 +14,7 @@ from ald_jax.agents import AGENTS  # pylint: disable=g-import-not-at-top
 RL_LOSSES = ("vmpo", "ppo")
 DISTILL_TARGETS = ("recompute", "stored")
 BUILTIN_ENVS = ("recall", "imaze", "metafetch")
+LATENCY_RUNTIMES = ("jax", "onnx")
 
 
 def _field(default, help: str, **kw):  # pylint: disable=redefined-builtin
@@ -110,6 +111,14 @@ class Config:
                                             "checkpoints (0: only at the end).")
   resume: bool = _field(False, "Continue from the latest checkpoint in logdir.")
   eval_episodes: int = _field(64, "Greedy evaluation episodes at the end.")
+  actor_latency_budget_us: float = _field(
+      0.0, "Budget of one acting step, in microseconds, at the batch one "
+      "device acts on (num_envs / devices); measured before training (median "
+      "of 500 calls after warm-up) and the run refused if over it (0: off).")
+  actor_latency_runtime: str = _field(
+      "jax", "Which measured step the budget applies to: jax (the jitted "
+      "step training acts with) or onnx (the exported step "
+      "experiments/export.py deploys, run by onnxruntime).")
   compilation_cache_dir: str = _field(
       "", "JAX's persistent compilation cache: a second identical run loads "
       "its compiled programs instead of compiling again ('': "
@@ -135,6 +144,8 @@ class Config:
       value = getattr(self, field.name)
       if isinstance(value, float):
         need(math.isfinite(value), field.name, "must be a finite number")
+    need(self.actor_latency_runtime in LATENCY_RUNTIMES,
+         "actor_latency_runtime", f"must be one of {', '.join(LATENCY_RUNTIMES)}")
     need(self.agent in AGENTS, "agent", f"must be one of {', '.join(AGENTS)}")
     need(self.rl_loss in RL_LOSSES, "rl_loss",
          f"must be one of {', '.join(RL_LOSSES)}")
@@ -151,7 +162,8 @@ class Config:
       need(getattr(self, name) >= 1, name, "must be >= 1")
     for name in ("num_devices", "distill_batch_envs", "checkpoint_every_iterations",
                  "importance_weight_clip", "max_grad_norm", "value_cost",
-                 "ppo_entropy_cost", "alpha_reg", "alpha_pi", "alpha_v"):
+                 "ppo_entropy_cost", "alpha_reg", "alpha_pi", "alpha_v",
+                 "actor_latency_budget_us"):
       need(getattr(self, name) >= 0, name, "must be >= 0")
     need(self.gtrxl_d_model % self.gtrxl_heads == 0, "gtrxl_d_model",
          f"must be divisible by gtrxl_heads={self.gtrxl_heads}")

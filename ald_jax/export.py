@@ -94,10 +94,10 @@ class StepSignature(NamedTuple):
 
 def acting_role(agent: str) -> str:
   """Which model acts for an agent: 'actor' (LSTM) or 'learner' (GTrXL)."""
-  from ald_jax import training  # pylint: disable=g-import-not-at-top
-  if agent not in training._ROLES:  # pylint: disable=protected-access
+  from ald_jax import agents  # pylint: disable=g-import-not-at-top
+  if agent not in agents.ROLES:
     raise ValueError(f"agent: unknown agent {agent!r}")
-  return training._ROLES[agent].acting  # pylint: disable=protected-access
+  return agents.ROLES[agent].acting
 
 
 def read_config(logdir: str) -> config_lib.Config:

@@ -71,7 +71,8 @@ EVAL_SEED_OFFSET = 10_000
 RESUMABLE_FIELDS = frozenset({
     "total_env_steps", "logdir", "log_every_seconds",
     "checkpoint_every_iterations", "resume", "eval_episodes",
-    "compilation_cache_dir"})
+    "compilation_cache_dir", "actor_latency_budget_us", "actor_latency_runtime"})
+ACTOR_LATENCY_JSON = "actor_latency.json"
 # The trainer's per-iteration episode counters; the CSV holds their sums over
 # each logged interval instead (episodes, episode_return, success_rate).
 _EPISODE_COUNTERS = ("episode_count", "episode_return_sum", "success_count")
@@ -207,6 +208,50 @@ def check_memory(config: Config, env: env_api.Environment) -> None:
         f"replay_segments={config.replay_segments}, model params "
         f"{gib(param_bytes)} with optimiser copies), over "
         f"{MEMORY_FRACTION:.0%} of this machine's {gib(have)}")
+
+
+def check_actor_latency(config: Config, env: env_api.Environment,
+                        trainer: Any, stream: Optional[TextIO] = None
+                        ) -> Optional[Dict[str, Any]]:
+  """Measures the acting step against --actor_latency_budget_us (0: off).
+
+  Measured at the batch one device acts on, in JAX and, where jax2onnx and
+  onnxruntime are installed, exported (see ald_jax/latency.py); the budget
+  applies to --actor_latency_runtime. Prints one line with the figures.
+
+  Returns:
+    The measurement report (None when the budget is off).
+  Raises:
+    ValueError: 'actor_latency_budget_us: ...' when over the budget, or when
+      the runtime the budget applies to could not be measured.
+  """
+  if config.actor_latency_budget_us <= 0:
+    return None
+  from ald_jax import latency  # pylint: disable=g-import-not-at-top
+  stream = stream or sys.stdout
+  from ald_jax import agents  # pylint: disable=g-import-not-at-top
+  role = agents.ROLES[config.agent].acting
+  runtimes = ("jax", "onnx")
+  report = latency.measure_acting_latency(
+      config, env, model=trainer.models[role], runtimes=runtimes)
+  figures = []
+  for runtime in runtimes:
+    result = report[runtime]
+    figures.append(f"{runtime} {result['median_us']:.1f} us"
+                   if "median_us" in result else
+                   f"{runtime} not measured ({result['skipped']})")
+  print(f"acting step ({report['model']}, batch {report['batch_size']}): "
+        f"{', '.join(figures)}; budget {config.actor_latency_budget_us:g} us "
+        f"({config.actor_latency_runtime})", file=stream, flush=True)
+  measured = report[config.actor_latency_runtime]
+  if "median_us" not in measured:
+    raise ValueError(f"actor_latency_budget_us: the "
+                     f"{config.actor_latency_runtime} step could not be "
+                     f"measured ({measured['skipped']})")
+  latency.check_latency_budget(
+      measured["median_us"], config.actor_latency_budget_us,
+      batch_size=report["batch_size"], runtime=config.actor_latency_runtime)
+  return report
 
 
 def _checkpoint_dir(logdir: str) -> str:
@@ -435,6 +480,7 @@ def train(config: Config, env: env_api.Environment, *,
           trainer: Any = None,
           stream: Optional[TextIO] = None,
           clock: Callable[[], float] = time.monotonic,
+          actor_latency: Optional[Dict[str, Any]] = None,
           ) -> Tuple[Any, Dict[str, float]]:
   """Runs (or resumes) training until `config.total_env_steps`.
 
@@ -447,6 +493,8 @@ def train(config: Config, env: env_api.Environment, *,
     trainer: an `ald_jax.training.Trainer`; built from config and env if None.
     stream: where progress lines go (default sys.stdout).
     clock: seconds, monotonic (injectable for tests).
+    actor_latency: a `check_actor_latency` report, written to
+      logdir/actor_latency.json.
   Returns:
     (final device state, the host metrics of the last iteration as floats;
     empty when a resumed run had nothing left to do).
@@ -466,6 +514,9 @@ def train(config: Config, env: env_api.Environment, *,
     if lock.note:
       print(f"note: {lock.note}", file=stream, flush=True)
     check_logdir(config)  # again, now that no other run can change it
+    if actor_latency is not None:
+      with open(os.path.join(config.logdir, ACTOR_LATENCY_JSON), "w") as f:
+        json.dump(actor_latency, f, indent=2, sort_keys=True)
     return _train_locked(config, trainer, total_iterations, stream, clock)
 
 
@@ -683,7 +734,9 @@ def main(argv: Sequence[str]) -> None:
       compile_watch.enable_persistent_cache(cache_dir)
     from ald_jax import training  # pylint: disable=g-import-not-at-top
     trainer = training.make_trainer(config, env)
-    state, _ = train(config, env, trainer=trainer)
+    latency_report = check_actor_latency(config, env, trainer)
+    state, _ = train(config, env, trainer=trainer,
+                     actor_latency=latency_report)
     evaluate_and_save(trainer, state, config)
   except NonFiniteError as err:
     _exit_with_error(err, EXIT_NONFINITE)

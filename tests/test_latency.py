@@ -166,3 +166,45 @@ def test_fit_budget_bad_flags_are_one_line(args, flag):
   assert len(lines) == 1 and lines[0].startswith("fit_budget.py: error: "), (
       result.stderr)
   assert flag in lines[0]
+
+
+# ------------------------------------------- --actor_latency_budget_us ---
+
+_RUN_FLAGS = ["--agent=lstm", "--env=recall", "--num_envs=4",
+              "--unroll_length=4", "--total_env_steps=64", "--lstm_hidden=8",
+              "--encoder_hidden=8", "--eval_episodes=2"]
+
+
+def _run_py(tmp_path, *flags):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run(
+      [sys.executable, os.path.join(repo, "experiments", "run.py"),
+       f"--logdir={tmp_path / 'run'}"] + _RUN_FLAGS + list(flags),
+      capture_output=True, text=True, timeout=300, cwd=repo, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_run_over_the_latency_budget_stops_before_training(tmp_path):
+  result = _run_py(tmp_path, "--actor_latency_budget_us=0.5")
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in result.stderr
+  assert lines[0].startswith("run.py: error: --actor_latency_budget_us: "
+                             "acting step takes "), lines[0]
+  assert "over the budget of 0.5 us" in lines[0]
+  assert not (tmp_path / "run").exists()
+
+
+def test_run_within_a_generous_budget_trains_and_records_it(tmp_path):
+  import json
+  result = _run_py(tmp_path, "--actor_latency_budget_us=1000000",
+                   "--actor_latency_runtime=onnx")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "budget 1e+06 us (onnx)" in result.stdout
+  with open(tmp_path / "run" / "actor_latency.json") as f:
+    report = json.load(f)
+  assert report["batch_size"] == 4
+  for runtime in ("jax", "onnx"):
+    assert 0 < report[runtime]["median_us"] < 1e6, report
