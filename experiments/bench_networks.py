@@ -8,12 +8,21 @@ Measures, on the default JAX backend:
   next to the *floor*: a jitted function taking the same (params, state, obs,
   start) arrays and returning state and obs untouched (pure dispatch cost);
 * `unroll` forward and forward+backward (gradient of a scalar loss) time for a
-  [T=64, B=16] training segment, for the main configurations.
+  [T=64, B=16] training segment, for the main configurations;
+* the GTrXL acting step in three memory forms, timed in the same run with
+  their calls interleaved (the machine may be shared: compare the ratios):
+  `ring` (the library's `step`: K/V ring buffers written in place), `shift`
+  (the K/V cache shifted by concatenate + slice each step, the form before
+  the ring) and `recompute` (cached layer inputs, memory K/V re-projected each
+  step), for 4 layers x 256 wide, 8 heads, memory 64, at batch 1, 16 and 256.
 
 Prints Markdown tables. Usage:
 
     python experiments/bench_networks.py            # full sweep (minutes)
-    python experiments/bench_networks.py --quick    # smoke run (< 1 minute)
+    python experiments/bench_networks.py --quick    # smoke run (about a minute)
+    python experiments/bench_networks.py --acting_forms_only   # ~2 minutes
+    python experiments/bench_networks.py --acting_forms_only \
+        --acting_forms=ring,shift                   # ring vs shift alone
 """
 import os
 import statistics
@@ -32,6 +41,17 @@ from ald_jax import networks  # pylint: disable=g-import-not-at-top,wrong-import
 _QUICK = flags.DEFINE_bool("quick", False, "A few configs and repeats only.")
 _REPEATS = flags.DEFINE_integer("repeats", 300, "Timed step calls per config "
                                 "(after warm-up); --quick uses 20.")
+_ACTING_FORMS_ONLY = flags.DEFINE_bool(
+    "acting_forms_only", False, "Only the GTrXL acting-form comparison.")
+_ACTING_FORMS = flags.DEFINE_list(
+    "acting_forms", ["ring", "shift", "recompute"],
+    "GTrXL acting forms to compare (ring first: the ratios are to it).")
+_ACTING_BATCHES = flags.DEFINE_list(
+    "acting_batches", ["1", "16", "256"], "Batch sizes of the acting-form "
+    "comparison; --quick uses 1 and 16.")
+_ACTING_REPEATS = flags.DEFINE_integer(
+    "acting_repeats", 100, "Interleaved timed rounds (one call of each form) "
+    "per batch in the acting-form comparison; --quick uses 20.")
 
 OBSERVATION_SIZE = 32
 NUM_ACTIONS = 8
@@ -124,6 +144,86 @@ def step_latency_table(specs: Sequence[ModelSpec], batches: Sequence[int],
   return rows
 
 
+# The acting-form comparison: the GTrXL of issue 13's figures.
+ACTING_GTRXL = dict(observation_size=OBSERVATION_SIZE, num_actions=NUM_ACTIONS,
+                    encoder_hidden=ENCODER_HIDDEN, num_layers=4, num_heads=8,
+                    d_model=256, mlp_width=1024, memory_len=64)
+ACTING_FORMS = ("ring", "shift", "recompute")
+
+
+def acting_forms(names: Sequence[str], gtrxl: Dict[str, int]
+                 ) -> Dict[str, Tuple[Callable, Callable]]:
+  """{name: (initial_state(batch), step)} of the GTrXL acting forms."""
+  unknown = set(names) - set(ACTING_FORMS)
+  if unknown:
+    raise app.UsageError(f"--acting_forms: unknown {sorted(unknown)}; "
+                         f"choose from {ACTING_FORMS}")
+  model = networks.make_gtrxl_model(**gtrxl)
+  references = networks._gtrxl_reference_steps(  # pylint: disable=protected-access
+      **gtrxl)
+  forms = {"ring": (model.initial_state, model.step), **references}
+  return {name: forms[name] for name in names}
+
+
+def interleaved_medians(calls: Dict[str, Callable[[], None]],
+                        rounds: int) -> Dict[str, float]:
+  """Median seconds per call of each blocking call, timed round-robin.
+
+  Interleaving spreads the load of other processes on a shared machine
+  evenly over the forms, so their ratios hold even when the absolute figures
+  drift.
+  """
+  durations: Dict[str, List[float]] = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      begin = time.perf_counter()
+      call()
+      durations[name].append(time.perf_counter() - begin)
+  return {name: statistics.median(d) for name, d in durations.items()}
+
+
+def acting_forms_table(names: Sequence[str], batches: Sequence[int],
+                       rounds: int, gtrxl: Dict[str, int] = ACTING_GTRXL
+                       ) -> List[str]:
+  """Markdown rows: step latency of each form (ms) and its ratio to the first.
+
+  `gtrxl`: keyword arguments of `networks.make_gtrxl_model`.
+  """
+  forms = acting_forms(names, gtrxl)
+  params = networks.make_gtrxl_model(**gtrxl).init(jax.random.key(0))
+  rows = ["| batch | " + " | ".join(f"{n} (ms)" for n in names)
+          + "".join(f" | {n} / {names[0]}" for n in names[1:]) + " |",
+          "|---:" * (2 * len(names)) + "|"]
+  for batch in batches:
+    obs = jax.random.normal(jax.random.key(1),
+                            (batch, gtrxl["observation_size"]))
+    start = jnp.zeros((batch,), bool)
+    # Each form carries its own donated state, as an acting loop would.
+    carried, calls, values = {}, {}, {}
+    for name, (initial_state, step) in forms.items():
+      jitted = jax.jit(step, donate_argnums=1)
+      carried[name] = initial_state(batch)
+
+      def call(name=name, jitted=jitted):
+        out, carried[name] = jitted(params, carried[name], obs, start)
+        values[name] = jax.block_until_ready(out.value)
+      calls[name] = call
+    for _ in range(5):  # warm-up, compilation included; same steps per form
+      for call in calls.values():
+        call()
+    for name in names[1:]:  # the forms compute the same function
+      max_diff = float(jnp.max(jnp.abs(values[name] - values[names[0]])))
+      if max_diff > 1e-3:
+        raise RuntimeError(f"{name} and {names[0]} disagree by {max_diff}")
+    medians = interleaved_medians(calls, rounds)
+    ring = medians[names[0]]
+    rows.append(f"| {batch} | "
+                + " | ".join(f"{medians[n] * 1e3:.2f}" for n in names)
+                + "".join(f" | {medians[n] / ring:.2f}" for n in names[1:])
+                + " |")
+  return rows
+
+
 def unroll_table(specs: Sequence[ModelSpec], repeats: int) -> List[str]:
   """Markdown rows of unroll forward and forward+backward time."""
   rows = [f"| model | unroll fwd [{SEGMENT[0]}, {SEGMENT[1]}] (ms) | "
@@ -153,6 +253,20 @@ def main(argv: Sequence[str]) -> None:
   del argv
   quick = _QUICK.value
   repeats = 20 if quick else _REPEATS.value
+  forms = _ACTING_FORMS.value
+  acting_batches = (1, 16) if quick else tuple(
+      int(b) for b in _ACTING_BATCHES.value)
+  acting_rounds = 20 if quick else _ACTING_REPEATS.value
+  device = jax.devices()[0]
+  acting_title = (
+      f"## GTrXL acting `step`: memory forms (4 layers x 256, 8 heads, MLP "
+      f"1024, memory 64; median of {acting_rounds} interleaved rounds)\n")
+  if _ACTING_FORMS_ONLY.value:
+    print(f"# Network benchmark ({device.platform}: {device.device_kind}; "
+          f"jax {jax.__version__})\n")
+    print(acting_title)
+    print("\n".join(acting_forms_table(forms, acting_batches, acting_rounds)))
+    return
   if quick:
     step_specs = [lstm_spec(256), gtrxl_spec(2, 64, 32)]
     batches = (1, 16)
@@ -167,7 +281,6 @@ def main(argv: Sequence[str]) -> None:
                     gtrxl_spec(4, 256, 64)]
     unroll_repeats = 20
 
-  device = jax.devices()[0]
   print(f"# Network benchmark ({device.platform}: {device.device_kind}; "
         f"jax {jax.__version__}; {repeats} timed calls per step cell)\n")
   print("## Jitted `step` latency (median)\n")
@@ -175,6 +288,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"\n## `unroll` on a [{SEGMENT[0]}, {SEGMENT[1]}] segment (median of "
         f"{unroll_repeats})\n")
   print("\n".join(unroll_table(unroll_specs, unroll_repeats)))
+  print("\n" + acting_title)
+  print("\n".join(acting_forms_table(forms, acting_batches, acting_rounds)))
 
 
 if __name__ == "__main__":

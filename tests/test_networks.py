@@ -448,3 +448,252 @@ def test_wrong_observation_size_is_rejected(name):
   with pytest.raises(ValueError, match="obs"):
     jax.eval_shape(model.step, _param_shapes(model), model.initial_state(2),
                    jnp.zeros((2, OBS + 1)), jnp.zeros((2,), bool))
+
+
+# ----------------------------------------------------------------------------
+# GTrXL acting state: ring buffers of M + 1 slots written in place by `step`.
+
+RING_STEPS = 4 * MEMORY + 2  # the ring (M + 1 = 4 slots) wraps three times
+
+
+def _ring_starts(batch):
+  """bool [RING_STEPS, batch]: t=0, then per-env starts at different times,
+  most after the ring has wrapped (env 2: consecutive starts and the last
+  step)."""
+  start = np.zeros((RING_STEPS, batch), bool)
+  start[0] = True
+  for env, times in enumerate([(5, 11), (), (2, 3, 9, 13)][:batch]):
+    start[list(times), env] = True
+  return jnp.asarray(start)
+
+
+def _ring_observations(batch, seed=11):
+  return jax.random.normal(jax.random.key(seed), (RING_STEPS, batch, OBS))
+
+
+def _step_through(step, params, state, obs, start):
+  """Steps obs [T, B, O] one by one: (outputs [T, B, ...], final state)."""
+  outputs = []
+  for t in range(obs.shape[0]):
+    out, state = step(params, state, obs[t], start[t])
+    outputs.append(out)
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs), state
+
+
+def _assert_states_equal(a, b):
+  """Same ring layout: integer leaves equal, float leaves to tolerance."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("segments", [(RING_STEPS,), (2, 7, 5)])
+def test_gtrxl_ring_step_matches_unroll_beyond_memory(batch, segments):
+  """Stepping 14 steps (ring of 4 slots) equals unrolling them in one segment
+  or in carried segments longer and shorter than the memory, starts inside
+  the ring included; the final states are the same arrays."""
+  model, _, params, step, unroll = _jitted("gtrxl")
+  obs, start = _ring_observations(batch), _ring_starts(batch)
+  initial = model.initial_state(batch)
+  stepped, step_state = _step_through(step, params, initial, obs, start)
+
+  unrolled, state, begin = [], initial, 0
+  for length in segments:
+    out, state = unroll(params, state, obs[begin:begin + length],
+                        start[begin:begin + length])
+    unrolled.append(out)
+    begin += length
+  unrolled = jax.tree.map(lambda *xs: jnp.concatenate(xs), *unrolled)
+  _assert_outputs_close(unrolled, stepped)
+  _assert_states_equal(state, step_state)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gtrxl_states_move_between_step_and_unroll(batch):
+  """Alternating step runs and unrolls, each from the other's final state
+  (acting records a state, the learner re-unrolls from it, and back), gives
+  the outputs of stepping throughout."""
+  model, _, params, step, unroll = _jitted("gtrxl")
+  obs, start = _ring_observations(batch, seed=12), _ring_starts(batch)
+  initial = model.initial_state(batch)
+  stepped, step_state = _step_through(step, params, initial, obs, start)
+
+  outputs, state, begin = [], initial, 0
+  for mode, length in [("step", 3), ("unroll", 5), ("step", 2),
+                       ("unroll", 1), ("step", 3)]:
+    run = (functools.partial(_step_through, step) if mode == "step"
+           else unroll)
+    out, state = run(params, state, obs[begin:begin + length],
+                     start[begin:begin + length])
+    outputs.append(out)
+    begin += length
+  assert begin == RING_STEPS
+  _assert_outputs_close(
+      jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs), stepped)
+  _assert_states_equal(state, step_state)
+
+
+def test_gtrxl_rows_gathered_from_different_times():
+  """A state whose rows come from different times (so different ring slots,
+  as a replay gathers them) steps and unrolls each row as its source would."""
+  model, _, params, step, unroll = _jitted("gtrxl")
+  obs, start = _ring_observations(BATCH, seed=13), _ring_starts(BATCH)
+  initial = model.initial_state(BATCH)
+  _, after_2 = _step_through(step, params, initial, obs[:2], start[:2])
+  _, after_7 = _step_through(step, params, initial, obs[:7], start[:7])
+  rows = [(after_2, 0), (after_7, 1), (after_7, 2)]
+  gathered = jax.tree.map(lambda *xs: jnp.stack(xs),
+                          *[jax.tree.map(lambda x, b=b: x[b], s)
+                            for s, b in rows])
+  assert len(set(np.asarray(gathered.next_slot).tolist())) > 1
+
+  later_obs, later_start = _observations(14)[:7], jnp.asarray(_STARTS[:7])
+  stepped, step_state = _step_through(step, params, gathered, later_obs,
+                                      later_start)
+  unrolled, unroll_state = unroll(params, gathered, later_obs, later_start)
+  _assert_outputs_close(unrolled, stepped)
+  _assert_states_equal(unroll_state, step_state)
+  for b, (source, row) in enumerate(rows):
+    alone, _ = unroll(params, source, later_obs, later_start)
+    _assert_outputs_close(jax.tree.map(lambda x: x[:, b], stepped),
+                          jax.tree.map(lambda x: x[:, row], alone))
+
+
+def test_gtrxl_step_start_inside_the_ring_cuts_the_past():
+  """Stepping: observations before an episode start that comes after the ring
+  has wrapped do not change any later output; without a start they do."""
+  model, _, params, step, _ = _jitted("gtrxl")
+  obs = _ring_observations(2, seed=15)
+  start = np.zeros((RING_STEPS, 2), bool)
+  start[0] = True
+  start[9, 0] = True
+  perturbed = obs.at[:9].add(3.0)
+
+  def run(observations):
+    return _step_through(step, params, model.initial_state(2), observations,
+                         jnp.asarray(start))[0]
+
+  base, moved = run(obs), run(perturbed)
+  _assert_outputs_close(jax.tree.map(lambda x: x[9:, 0], base),
+                        jax.tree.map(lambda x: x[9:, 0], moved),
+                        rtol=0, atol=1e-6)
+  assert _max_abs_diff(base.value[9:, 1], moved.value[9:, 1]) > 1e-3
+
+
+def test_gtrxl_ring_layout():
+  """Slots, counters and contents follow the `GTrXLState` docstring: after k
+  steps next_slot = k mod (M + 1), length counts the episode's steps up to M,
+  and the ring read oldest-first equals the shifted K/V cache of the
+  reference form."""
+  model, _, params, step, _ = _jitted("gtrxl")
+  batch = 3
+  obs, start = _ring_observations(batch, seed=16), _ring_starts(batch)
+  shift_init, shift_step = _reference_steps()["shift"]
+  state, shift_state = model.initial_state(batch), shift_init(batch)
+  since_start = np.zeros(batch, int)
+  for t in range(RING_STEPS):
+    _, state = step(params, state, obs[t], start[t])
+    _, shift_state = shift_step(params, shift_state, obs[t], start[t])
+    since_start = np.where(start[t], 1, since_start + 1)
+    np.testing.assert_array_equal(state.next_slot, (t + 1) % (MEMORY + 1))
+    np.testing.assert_array_equal(state.length,
+                                  np.minimum(since_start, MEMORY))
+  head_dim = D_MODEL // HEADS
+  for leaf in jax.tree.leaves((state.keys, state.values)):
+    assert leaf.shape == (batch, HEADS, MEMORY + 1, head_dim)
+    assert leaf.dtype == jnp.float32
+  assert state.next_slot.dtype == state.length.dtype == jnp.int32
+  for layer in range(LAYERS):
+    for ring, shifted in [(state.keys[layer], shift_state.keys[:, layer]),
+                          (state.values[layer], shift_state.values[:, layer])]:
+      oldest_first = networks._ring_to_chronological(ring, state.next_slot)
+      np.testing.assert_allclose(oldest_first[:, 1:], shifted, rtol=1e-5,
+                                 atol=1e-6)
+  np.testing.assert_array_equal(
+      networks._chronological_valid(state.length, MEMORY), shift_state.valid)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_steps():
+  """{form: (initial_state, jitted step)} of the reference acting forms."""
+  forms = networks._gtrxl_reference_steps(
+      observation_size=OBS, num_actions=ACTIONS, encoder_hidden=ENCODER,
+      num_layers=LAYERS, num_heads=HEADS, d_model=D_MODEL, mlp_width=MLP,
+      memory_len=MEMORY)
+  return {form: (init, jax.jit(form_step))
+          for form, (init, form_step) in forms.items()}
+
+
+@pytest.mark.parametrize("form", ["shift", "recompute"])
+def test_gtrxl_reference_acting_forms_match_ring_step(form):
+  """The benchmark's reference forms compute the same outputs as `step`."""
+  model, _, params, step, _ = _jitted("gtrxl")
+  obs, start = _ring_observations(BATCH, seed=17), _ring_starts(BATCH)
+  ring, _ = _step_through(step, params, model.initial_state(BATCH), obs,
+                          start)
+  init, form_step = _reference_steps()[form]
+  other, _ = _step_through(form_step, params, init(BATCH), obs, start)
+  _assert_outputs_close(other, ring)
+
+
+def test_gtrxl_position_score_orders_agree():
+  """Both association orders of the position term give the same scores."""
+  keys = jax.random.split(jax.random.key(18), 2)
+  width, heads, distances = 16, 4, 7
+  projected = networks._Projections(
+      content_query=None,
+      position_query=jax.random.normal(keys[0], (5, 3, heads, width // heads)),
+      position_kernel=jax.random.normal(keys[1],
+                                        (width, heads, width // heads)),
+      keys=None, values=None)
+  kernel_first = networks._scores_by_distance(projected, distances, True)
+  query_first = networks._scores_by_distance(projected, distances, False)
+  assert kernel_first.shape == (5, 3, heads, distances)
+  np.testing.assert_allclose(kernel_first, query_first, rtol=1e-5, atol=1e-5)
+
+
+def _ring_copies(compiled_text, ring_shape):
+  shape = "f32[" + ",".join(map(str, ring_shape)) + "]"
+  return [line for line in compiled_text.splitlines()
+          if " copy(" in line and shape in line]
+
+
+def test_gtrxl_step_updates_the_ring_in_place():
+  """Compiled with the state donated, alone or as the carry of a scan, a step
+  copies no ring buffer (the new slot is written before the ring is read)."""
+  model, _, params, _, _ = _jitted("gtrxl")
+  batch = 5  # a shape no other array of this model has
+  ring_shape = (batch, HEADS, MEMORY + 1, D_MODEL // HEADS)
+  state = model.initial_state(batch)
+  obs, start = jnp.zeros((batch, OBS)), jnp.zeros((batch,), bool)
+  donated = jax.jit(model.step, donate_argnums=1).lower(
+      params, state, obs, start).compile().as_text()
+  assert donated.count("scatter(") >= 2 * LAYERS
+  assert not _ring_copies(donated, ring_shape)
+
+  def rollout(params, state, observations):
+    def body(state, o):
+      out, state = model.step(params, state, o, start)
+      return state, out.value
+    return jax.lax.scan(body, state, observations)
+  scanned = jax.jit(rollout, donate_argnums=1).lower(params, state, jnp.zeros(
+      (4, batch, OBS))).compile().as_text()
+  assert not _ring_copies(scanned, ring_shape)
+
+
+def test_bench_acting_forms_table_runs_and_checks_agreement():
+  """experiments/bench_networks.py's ring/shift/recompute table, tiny model."""
+  from experiments import bench_networks  # pylint: disable=import-outside-toplevel
+  gtrxl = dict(observation_size=OBS, num_actions=ACTIONS,
+               encoder_hidden=ENCODER, num_layers=LAYERS, num_heads=HEADS,
+               d_model=D_MODEL, mlp_width=MLP, memory_len=MEMORY)
+  rows = bench_networks.acting_forms_table(
+      ["ring", "shift", "recompute"], [2], rounds=2, gtrxl=gtrxl)
+  assert rows[0] == ("| batch | ring (ms) | shift (ms) | recompute (ms) | "
+                     "shift / ring | recompute / ring |")
+  assert len(rows) == 3 and rows[2].startswith("| 2 | ")
