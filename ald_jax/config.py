@@ -15,6 +15,8 @@ RL_LOSSES = ("vmpo", "ppo")
 DISTILL_TARGETS = ("recompute", "stored")
 BUILTIN_ENVS = ("recall", "imaze", "metafetch")
 LATENCY_RUNTIMES = ("jax", "onnx")
+RUNTIMES = ("sync", "distributed")
+ACTOR_INFERENCE = ("batched", "per_env")
 
 
 def _field(default, help: str, **kw):  # pylint: disable=redefined-builtin
@@ -125,6 +127,46 @@ class Config:
       "$XDG_CACHE_HOME or ~/.cache /ald_jax/jax_compilation_cache; 'none': "
       "off).")
 
+  # ------------------------------------------------------------------------
+  # Distributed runtime (ald_jax/distributed.py; docs/distributed.md).
+  # Ignored by --runtime=sync. With --runtime=distributed, num_envs is the
+  # learner's batch (env rows per RL step) and the actors own
+  # num_actors * envs_per_actor env streams.
+  runtime: str = _field("sync", "sync: act, learn and distill in one jitted "
+                        "program; distributed: actor, learner and distiller "
+                        "processes running concurrently on Ray.")
+  ray_address: str = _field("", "Ray cluster to join ('auto' or host:port); "
+                            "empty: start a local Ray instance.")
+  ray_num_cpus: int = _field(0, "CPUs of the local Ray instance (0: "
+                             "min(CPU count, 4)).")
+  num_actors: int = _field(2, "Actor processes (distributed).")
+  envs_per_actor: int = _field(16, "Env streams of each actor process "
+                               "(distributed).")
+  actor_inference: str = _field("batched", "How an actor steps its acting "
+                                "model: batched (all its env streams in one "
+                                "call) or per_env (one call per env stream at "
+                                "batch 1, the cost of that many one-env actor "
+                                "processes).")
+  num_distillers: int = _field(1, "Distiller processes (distributed, ald).")
+  max_policy_lag: int = _field(4, "Learner versions a segment's behaviour "
+                               "params may be behind when the learner "
+                               "consumes it; older segments are dropped "
+                               "(distributed).")
+  segment_queue_size: int = _field(8, "Segments buffered at the learner; "
+                                   "actors wait when it is full "
+                                   "(distributed).")
+  distill_error_buffer: int = _field(0, "Slack, in distill steps, of the "
+                                     "enforced distill_steps_per_rl_step "
+                                     "ratio (0: 2 * distill_steps_per_rl_step"
+                                     "; >= distill_steps_per_rl_step).")
+  actor_max_restarts: int = _field(3, "Restarts of each actor process after "
+                                   "it dies (distributed).")
+  dm_env_append_action_reward: bool = _field(True, "With a Python "
+                                             "dm_env.Environment: append the "
+                                             "one-hot previous action and the "
+                                             "previous reward to its "
+                                             "observations.")
+
   @property
   def env_steps_per_iteration(self) -> int:
     return self.num_envs * self.unroll_length
@@ -149,6 +191,8 @@ class Config:
     need(self.agent in AGENTS, "agent", f"must be one of {', '.join(AGENTS)}")
     need(self.rl_loss in RL_LOSSES, "rl_loss",
          f"must be one of {', '.join(RL_LOSSES)}")
+    need(self.runtime in RUNTIMES, "runtime",
+         f"must be one of {', '.join(RUNTIMES)}")
     need(self.distill_targets in DISTILL_TARGETS, "distill_targets",
          f"must be one of {', '.join(DISTILL_TARGETS)}")
     need(self.env in BUILTIN_ENVS or ":" in self.env, "env",
@@ -181,7 +225,32 @@ class Config:
          "distill_batch_envs",
          f"must be <= num_envs * replay_segments = "
          f"{self.num_envs * self.replay_segments}")
+    if self.runtime == "distributed":
+      self._validate_distributed(need)
     return self
+
+  def _validate_distributed(self, need) -> None:
+    """The distributed runtime's fields (see their help)."""
+    need(self.actor_inference in ACTOR_INFERENCE, "actor_inference",
+         f"must be one of {', '.join(ACTOR_INFERENCE)}")
+    for name in ("num_actors", "envs_per_actor", "num_distillers",
+                 "segment_queue_size"):
+      need(getattr(self, name) >= 1, name, "must be >= 1")
+    for name in ("max_policy_lag", "actor_max_restarts", "ray_num_cpus",
+                 "distill_error_buffer"):
+      need(getattr(self, name) >= 0, name, "must be >= 0")
+    need(self.num_envs % self.envs_per_actor == 0, "num_envs",
+         f"with --runtime=distributed, the learner batch must be whole actor "
+         f"segments: a multiple of envs_per_actor={self.envs_per_actor}")
+    need(self.num_envs <= self.num_actors * self.envs_per_actor, "num_envs",
+         f"with --runtime=distributed, the learner batch needs distinct env "
+         f"streams: at most num_actors * envs_per_actor = "
+         f"{self.num_actors * self.envs_per_actor}")
+    need(self.distill_error_buffer == 0 or
+         self.distill_error_buffer >= self.distill_steps_per_rl_step,
+         "distill_error_buffer",
+         f"must be 0 or >= distill_steps_per_rl_step="
+         f"{self.distill_steps_per_rl_step}")
 
 
 def parse_env_args(text: str) -> Dict[str, Any]:

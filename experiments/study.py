@@ -60,9 +60,10 @@ import numpy as np
 
 import plot as plot_lib
 import run as run_lib
+from ald_jax import agents as agents_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-AGENT_ORDER = ("lstm", "gtrxl", "asym", "ald")
+AGENT_ORDER = agents_lib.AGENTS  # lstm, gtrxl, asym, ald
 STUDY_JSON = "study.json"
 ANALYSIS_START = "<!-- ANALYSIS:START (kept when the report is rebuilt) -->"
 ANALYSIS_END = "<!-- ANALYSIS:END -->"
