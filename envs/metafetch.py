@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple, Tuple
 
 import chex
@@ -21,138 +20,49 @@ WALL, FLOOR = 0, 1
 MOVES = np.array([[-1, 0], [0, 1], [1, 0], [0, -1]], np.int32)
 
 
-# `_top_k_indices` finds the k largest of n scores with k unrolled max
-# reductions over (score, index) packed into one int32, for n up to this many
-# (23 bits of score; as many as the cells of a 16 x 16 room) and k up to
-# _MAX_UNROLLED_TOP_K; else with `lax.top_k`.
-_MAX_ENCODED_CELLS = 1 << 8
-_MAX_UNROLLED_TOP_K = 32
 # `_view` looks the empty room's view up in a table of this many entries at
 # most (a 16 x 16 room with a 9 x 9 view and 10 objects), else computes it.
 _MAX_EMPTY_VIEW_TABLE = 1 << 18
 
 
-def _top_k_indices(scores: Array, k: int) -> Array:
-  """int32 [k]: indices of the k largest `scores`, largest first.
+# Random draws. Each reset and each step makes two jax.random calls: a
+# `split` for the next key and one `uniform` that supplies every draw it needs
+# (on CPU each jax.random call is a small loop that XLA cannot fuse with the
+# rest, and its cost grows with the numbers drawn, so few calls of few
+# numbers). Each draw is an integer uniform in some [0, m); the distinct
+# cells and the fetch order are decoded from such integers (a Lehmer code):
+# 2K numbers a step, where ranking a random score per cell would take
+# N * N + K.
 
-  The indices of `jax.lax.top_k(scores, k)`, ties going to the lower index.
 
-  Args:
-    scores: int32 [n] in [-1, 2^23).
-    k: <= n.
+def _below(u: Array, m: np.ndarray) -> Array:
+  """int32, floor(u * m): uniform in [0, m) for `u` uniform in [0, 1).
+
+  `jax.random.uniform` float32s are the 2^23 multiples of 2^-23 in [0, 1),
+  equally likely, so each value's probability is 1 / m up to a relative bias
+  below m / 2^22 (checked exhaustively for every m up to 300): under 1e-5
+  for the 25 cells of a 5 x 5 room.
   """
-  n = scores.shape[0]
-  if n > _MAX_ENCODED_CELLS or k > _MAX_UNROLLED_TOP_K:
-    # As float32 (exact for these scores), which XLA's CPU top_k handles with
-    # a dedicated routine rather than a sort.
-    return jax.lax.top_k(scores.astype(jnp.float32), k)[1].astype(jnp.int32)
-  # Each score with its index in the low bits, ties broken towards the lower
-  # index: distinct values, whose k largest are found by k plain max
-  # reductions. (Under vmap on CPU, `lax.top_k` is a slow per-row loop, and
-  # one that stops the fusion of the random draws around it: 10x slower.)
-  index_bits = max(1, (n - 1).bit_length())
-  low = (1 << index_bits) - 1
-  encoded = scores * (1 << index_bits) + (low - jnp.arange(n, dtype=jnp.int32))
-  indices = []
-  maximum = jnp.max(encoded)
-  for i in range(k):
-    if i:
-      maximum = jnp.max(jnp.where(encoded < maximum, encoded, -low - 2))
-    indices.append(low - (maximum & low))
-  return jnp.stack(indices)
+  m = np.asarray(m)
+  return jnp.minimum((u * m.astype(np.float32)).astype(jnp.int32),
+                     (m - 1).astype(np.int32))
 
 
-# Random draws. Meta-Fetch draws with jax.random's default PRNG (threefry2x32,
-# with `jax_threefry_partitionable`, the default): the functions below return
-# exactly what `jax.random.split`, `bits` and `randint` return for the same
-# raw key, but compute the Threefry block function as plain unrolled array
-# operations. On CPU, jax.random lowers each call to a 5-iteration while loop
-# that XLA cannot fuse with anything; here all the draws of a step fuse into a
-# few vectorised loops over the batch (16x faster for a 2-way split at 1024
-# envs). With another PRNG configuration they fall back to jax.random.
+def _distinct(ranks: Array) -> Array:
+  """int32 [k]: x[i] is the ranks[i]-th smallest value of range(M) not in x[:i].
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_THREEFRY_PARITY = 0x1BD11BDA
-
-
-def _use_jax_random() -> bool:
-  return not (jax.config.jax_threefry_partitionable and
-              jax.config.jax_default_prng_impl == "threefry2x32")
-
-
-# Jitted (and inlined into an enclosing jit) so that un-jitted stepping runs
-# it as one call rather than op by op.
-@functools.partial(jax.jit, inline=True)
-def _threefry2x32(key: Array, counter: Array) -> Tuple[Array, Array]:
-  """The Threefry-2x32 block function (20 rounds; Salmon et al., 2011).
-
-  Args:
-    key: uint32 [2].
-    counter: uint32 [n], the low words of the 64-bit counters (high words 0).
-  Returns:
-    Two uint32 [n]: the two output words of each block.
+  Decodes a Lehmer code: with independent ranks[i] uniform in [0, M - i), x
+  is a uniform random sequence of k distinct values of range(M) (M = k: a
+  uniform random permutation). In k - 1 vectorised steps, from the last
+  value back: x[i + 1:] are ranks among the values other than x[:i + 1];
+  putting x[i] back among them moves those at or above it up by one.
   """
-  k0, k1 = key[0], key[1]
-  schedule = (k0, k1, k0 ^ k1 ^ jnp.uint32(_THREEFRY_PARITY))
-  x0 = jnp.zeros_like(counter) + k0
-  x1 = counter + k1
-  for i in range(5):
-    for rotation in _THREEFRY_ROTATIONS[i % 2]:
-      x0 = x0 + x1
-      x1 = ((x1 << jnp.uint32(rotation)) |
-            (x1 >> jnp.uint32(32 - rotation))) ^ x0
-    x0 = x0 + schedule[(i + 1) % 3]
-    x1 = x1 + schedule[(i + 2) % 3] + jnp.uint32(i + 1)
-  return x0, x1
-
-
-def _split(key: Array, num: int) -> Array:
-  """uint32 [num, 2], `jax.random.split(key, num)` of a raw key."""
-  if _use_jax_random():
-    return jax.random.split(key, num)
-  return jnp.stack(_threefry2x32(key, jnp.arange(num, dtype=jnp.uint32)),
-                   axis=-1)
-
-
-def _bits(key: Array, num: int) -> Array:
-  """uint32 [num], `jax.random.bits(key, (num,))` of a raw key."""
-  if _use_jax_random():
-    return jax.random.bits(key, (num,), jnp.uint32)
-  x0, x1 = _threefry2x32(key, jnp.arange(num, dtype=jnp.uint32))
-  return x0 ^ x1
-
-
-def _randint(key: Array, maxval: int) -> Array:
-  """int32 [], `jax.random.randint(key, (), 0, maxval)` of a raw key."""
-  if _use_jax_random():
-    return jax.random.randint(key, (), 0, maxval, jnp.int32)
-  # jax.random's method: 64 random bits (two 32-bit draws) reduced modulo
-  # maxval, in uint32 arithmetic (wrapping as jax.random's does).
-  keys = _split(key, 2)
-  higher, lower = _bits(keys[0], 1)[0], _bits(keys[1], 1)[0]
-  span = jnp.uint32(maxval)
-  multiplier = jnp.uint32(2**16 % maxval)
-  multiplier = (multiplier * multiplier) % span
-  offset = ((higher % span) * multiplier + lower % span) % span
-  return offset.astype(jnp.int32)
-
-
-def _uniform_scores(key: Array, n: int) -> Array:
-  """int32 [n] in [0, 2^23): ordered as `jax.random.uniform(key, (n,))`.
-
-  `uniform` maps the same random bits to floats by their top 23 bits, so
-  these integers rank (ties included) exactly as the floats would, without
-  the conversion.
-  """
-  return (_bits(key, n) >> jnp.uint32(32 - 23)).astype(jnp.int32)
-
-
-def _random_permutation(key: Array, n: int) -> Array:
-  """int32 [n], a uniform random permutation of range(n).
-
-  The indices of `jax.random.uniform(key, (n,))` in decreasing order.
-  """
-  return _top_k_indices(_uniform_scores(key, n), n)
+  k = ranks.shape[0]
+  later = jnp.arange(k)
+  x = ranks
+  for i in reversed(range(k - 1)):
+    x = x + ((later > i) & (x >= x[i])).astype(jnp.int32)
+  return x
 
 
 class MetaFetchState(NamedTuple):
@@ -188,17 +98,18 @@ class MetaFetchState(NamedTuple):
 class MetaFetch(api.Environment):
   """An open `size x size` room with K objects to fetch in a hidden order.
 
-  At reset the agent and the K distinct objects occupy distinct random cells
-  and a random fetch order (a permutation of the objects) is drawn; it stays
-  fixed for the whole episode. An object is touched when the agent moves onto
-  its cell (bumping into the room's wall while standing on one touches
-  nothing). Touching the next object of the order gives +1 and removes it;
-  touching any other present object gives -wrong_object_penalty and resets the
-  round (all of the round's objects reappear where they were, progress back to
-  0). When all K are fetched, a new round starts: the objects are placed at new
-  distinct random cells other than the agent's, and the same order must be
-  fetched again. The episode is only ever truncated, after time_limit steps
-  (LAST, discount 1).
+  At reset the agent is put in a uniform random cell, the K objects in
+  uniformly random distinct cells other than the agent's, and a fetch order
+  is drawn, a uniform random permutation of the objects; it stays fixed for
+  the whole episode. An object is touched when the agent moves onto its cell
+  (bumping into the room's wall while standing on one touches nothing).
+  Touching the next object of the order gives +1 and removes it; touching any
+  other present object gives -wrong_object_penalty and resets the round (all
+  of the round's objects reappear where they were, progress back to 0). When
+  all K are fetched, a new round starts: the objects are placed at new
+  uniformly random distinct cells other than the agent's, and the same order
+  must be fetched again. The episode is only ever truncated, after
+  time_limit steps (LAST, discount 1).
 
   Example, size 5 (A = agent, 0..K-1 = objects):
 
@@ -217,6 +128,12 @@ class MetaFetch(api.Environment):
   one-hot (4); previous reward (1)].
 
   success: at least one full round was fetched in the episode.
+
+  Random draws: jax.random with the state's raw key, two calls per reset or
+  step (a `split` and one `uniform` for all the draws; see `_draws`). Each
+  draw is floor(u * m) of a float32 u of [0, 1): uniform on [0, m) up to a
+  relative bias below m / 2^22 (under 1e-5 for the 25 cells of a 5 x 5
+  room; see `_below`).
 
   Attributes:
     size: room side N, >= 2.
@@ -337,30 +254,52 @@ class MetaFetch(api.Environment):
                                        state.last_reward)
     ])
 
-  def _agent_position(self, key: Array) -> Array:
-    """int32 [2], a uniform random cell of the room."""
-    agent_cell = _randint(key, self.size * self.size)
+  def _draws(self, key: Array) -> Tuple[Array, Array, Array, Array]:
+    """All the random draws of one reset or step (two jax.random calls).
+
+    Returns:
+      The next key (uint32 [2]); an agent cell (int32 [], row-major, uniform
+      in [0, N * N)); the objects' ranks (int32 [K], ranks[k] uniform in
+      [0, N * N - 1 - k), for `_place_objects`); an order (int32 [K], a
+      uniform random permutation of range(K)). All independent.
+    """
+    key, draw_key = jax.random.split(key)
+    num_cells, k = self.size * self.size, self.num_objects
+    # The m of each draw: agent cell, object ranks, order ranks but the last
+    # (always 0).
+    maxvals = np.concatenate([[num_cells], num_cells - 1 - np.arange(k),
+                              k - np.arange(k - 1)])
+    draws = _below(jax.random.uniform(draw_key, maxvals.shape), maxvals)
+    order = _distinct(jnp.concatenate([draws[1 + k:],
+                                       jnp.zeros((1,), jnp.int32)]))
+    return key, draws[0], draws[1:1 + k], order
+
+  def _agent_position(self, agent_cell: Array) -> Array:
+    """int32 [2], the (row, column) of a row-major cell index."""
     return jnp.stack([agent_cell // self.size,
                       agent_cell % self.size]).astype(jnp.int32)
 
-  def _place_objects(self, key: Array, agent_position: Array) -> Array:
-    """int32 [K, 2] distinct random cells, none of them the agent's."""
-    # The K highest uniform scores are a uniform random K-subset (in random
-    # order); the agent's cell, scored below every other, is never among them.
-    scores = _uniform_scores(key, self.size * self.size)
+  def _place_objects(self, object_ranks: Array,
+                     agent_position: Array) -> Array:
+    """int32 [K, 2] distinct random cells, none of them the agent's.
+
+    Uniform over such placements for `object_ranks` as `_draws` draws them:
+    K distinct uniform cells of the N * N - 1 others than the agent's.
+    """
+    cells = _distinct(object_ranks)  # Indices among the cells but the agent's.
     agent_cell = agent_position[0] * self.size + agent_position[1]
-    cells = _top_k_indices(scores.at[agent_cell].set(-1), self.num_objects)
+    cells = cells + (cells >= agent_cell).astype(jnp.int32)
     return jnp.stack([cells // self.size, cells % self.size], axis=-1)
 
   def reset(self, key: Array) -> Tuple[MetaFetchState, api.TimeStep]:
-    key, agent_key, objects_key, order_key = _split(_util.as_raw_key(key), 4)
-    agent_position = self._agent_position(agent_key)
+    key, agent_cell, object_ranks, order = self._draws(_util.as_raw_key(key))
+    agent_position = self._agent_position(agent_cell)
     state = MetaFetchState(
         key=key,
         step_count=jnp.int32(0),
         agent_position=agent_position,
-        object_positions=self._place_objects(objects_key, agent_position),
-        order=_random_permutation(order_key, self.num_objects),
+        object_positions=self._place_objects(object_ranks, agent_position),
+        order=order,
         collected=jnp.zeros((self.num_objects,), jnp.bool_),
         progress=jnp.int32(0),
         rounds_completed=jnp.int32(0),
@@ -374,18 +313,18 @@ class MetaFetch(api.Environment):
            action: Array) -> Tuple[MetaFetchState, api.TimeStep]:
     """One step, with the dm_env automatic reset after a LAST.
 
-    The result is that of `_util.auto_reset_step(self.reset, transition)`
-    with the plain transition below (same random draws), computed with less
-    work: the reset's object placement and the end-of-round respawn share one
-    placement (from the key and agent cell of whichever applies), and the
-    observation is rendered once, from the selected state.
+    Distributed as `_util.auto_reset_step(self.reset, transition)` with the
+    plain transition below, computed with less work: one set of random draws
+    (`_draws`) serves the reset or the end-of-round respawn, whichever
+    applies (never both in one step); the two share one object placement
+    (from the agent cell of whichever applies); and the observation is
+    rendered once, from the selected state. After a LAST the new episode is
+    drawn as `reset` draws one, but from this step's draws, not those of
+    `reset(key)` for some key.
     """
     chex.assert_rank(action, 0)
     action = jnp.asarray(action, jnp.int32)
-    # The keys of `auto_reset_step`, of `reset` and of the transition.
-    key, reset_key = _split(state.key, 2)
-    episode_key, agent_key, objects_key, order_key = _split(reset_key, 4)
-    key, respawn_key = _split(key, 2)
+    key, agent_cell, object_ranks, order = self._draws(state.key)
 
     # The transition.
     target = state.agent_position + jnp.asarray(MOVES)[action]
@@ -407,19 +346,16 @@ class MetaFetch(api.Environment):
 
     # Or the reset, after a LAST.
     first = state.is_last
-    agent_position = jnp.where(first, self._agent_position(agent_key),
+    agent_position = jnp.where(first, self._agent_position(agent_cell),
                                position)
-    new_positions = self._place_objects(
-        jnp.where(first, objects_key, respawn_key), agent_position)
+    new_positions = self._place_objects(object_ranks, agent_position)
     state = MetaFetchState(
-        key=jnp.where(first, episode_key, key),
+        key=key,
         step_count=jnp.where(first, 0, step_count).astype(jnp.int32),
         agent_position=agent_position,
         object_positions=jnp.where(first | round_done, new_positions,
                                    state.object_positions),
-        order=jnp.where(first, _random_permutation(order_key,
-                                                   self.num_objects),
-                        state.order),
+        order=jnp.where(first, order, state.order),
         collected=collected & ~round_done & ~first,
         progress=jnp.where(first | round_done, 0, progress).astype(jnp.int32),
         rounds_completed=jnp.where(first, 0, state.rounds_completed +

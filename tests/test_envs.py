@@ -622,21 +622,79 @@ def test_vmapped_jitted_steps_equal_unjitted_steps(env):
     assert np.asarray(rest[0].rounds_completed).max() >= 1  # Respawns too.
 
 
-def test_metafetch_random_draws_are_those_of_jax_random():
-  from envs import metafetch  # pylint: disable=g-import-not-at-top
-  maxvals, ks = (1, 3, 25, 100_000, 2**31 - 1), (1, 3, 24, 25)
+def assert_uniform_counts(counts, where=None):
+  """Asserts `counts` (of values drawn i.i.d.) look uniform over `where`.
 
-  def draws(key, scores):
-    ours = (metafetch._split(key, 4), metafetch._bits(key, 25),
-            [metafetch._randint(key, m) for m in maxvals],
-            [metafetch._top_k_indices(scores, k) for k in ks])
-    theirs = (jax.random.split(key, 4), jax.random.bits(key, (25,), jnp.uint32),
-              [jax.random.randint(key, (), 0, m) for m in maxvals],
-              [jax.lax.top_k(scores, k)[1] for k in ks])
-    return ours, theirs
+  Every count within 5 standard errors of uniform, and a chi-square test at
+  p > 1e-4 (Wilson-Hilferty approximation). Counts outside `where` must be 0.
+  """
+  import math  # pylint: disable=g-import-not-at-top
+  counts = np.asarray(counts, np.float64).ravel()
+  where = np.ones(counts.shape, bool) if where is None else np.ravel(where)
+  np.testing.assert_array_equal(counts[~where], 0)
+  counts = counts[where]
+  total, p = counts.sum(), 1 / counts.size
+  error = np.abs(counts - total * p) / np.sqrt(total * p * (1 - p))
+  assert error.max() < 5, counts
+  chi2, dof = ((counts - total * p)**2 / (total * p)).sum(), counts.size - 1
+  z = ((chi2 / dof)**(1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+  assert 0.5 * math.erfc(z / math.sqrt(2)) > 1e-4, (chi2, dof, counts)
 
-  keys = jax.random.split(jax.random.PRNGKey(12), 512)
-  # Scores with many ties: ranked as lax.top_k ranks them (lower index first).
-  scores = jax.random.randint(jax.random.PRNGKey(13), (512, 25), -1, 6)
-  ours, theirs = jax.jit(jax.vmap(draws))(keys, scores)
-  assert_trees_equal(ours, theirs)
+
+@pytest.mark.parametrize("size,num_objects", [(3, 2), (4, 3), (2, 3)])
+def test_metafetch_random_draws_are_uniform(size, num_objects):
+  # 6000 vmapped resets, then one end-of-round respawn of each (fixed seed).
+  env = MetaFetch(size=size, num_objects=num_objects, view_size=3,
+                  time_limit=5)
+  cells, k, n = size * size, num_objects, 6000
+  states, _ = jax.jit(jax.vmap(env.reset))(
+      jax.random.split(jax.random.PRNGKey(14), n))
+  agent = np.asarray(states.agent_position) @ [size, 1]
+  objects = np.asarray(states.object_positions) @ [size, 1]  # [n, K]
+  # Agent and objects at K + 1 distinct cells.
+  occupied = np.concatenate([agent[:, None], objects], axis=1)
+  assert all(len(set(row)) == k + 1 for row in occupied)
+  # Each of agent, object j: uniform over the cells (every cell reached).
+  for column in occupied.T:
+    assert_uniform_counts(np.bincount(column, minlength=cells))
+  # Pairs (agent, object 0) and (object 0, object last): uniform over the
+  # ordered pairs of distinct cells (so independent but for distinctness).
+  distinct = ~np.eye(cells, dtype=bool)
+  for a, b in [(0, 1), (1, k)]:
+    pairs = np.bincount(occupied[:, a] * cells + occupied[:, b],
+                        minlength=cells**2)
+    assert_uniform_counts(pairs, distinct)
+  # The order: each of the K! permutations equally likely.
+  permutations = list(itertools.permutations(range(k)))
+  order = [permutations.index(tuple(o)) for o in np.asarray(states.order)]
+  assert_uniform_counts(np.bincount(order, minlength=len(permutations)))
+
+  # Respawns: the agent at (0, 1) steps south onto (1, 1), onto the last
+  # object of the round (the others collected): new cells for all K.
+  agent_cell = size + 1
+  states = states._replace(
+      agent_position=jnp.tile(jnp.int32([0, 1]), (n, 1)),
+      object_positions=jnp.tile(jnp.int32([[1, 1]] * k), (n, 1, 1)),
+      order=jnp.tile(jnp.arange(k, dtype=jnp.int32), (n, 1)),
+      collected=jnp.tile(jnp.arange(k) < k - 1, (n, 1)),
+      progress=jnp.full((n,), k - 1, jnp.int32))
+  states, time_steps = jax.jit(jax.vmap(env.step))(
+      states, jnp.full((n,), S, jnp.int32))
+  np.testing.assert_array_equal(time_steps.reward, 1.0)
+  np.testing.assert_array_equal(states.rounds_completed, 1)
+  np.testing.assert_array_equal(np.asarray(states.agent_position) @ [size, 1],
+                                agent_cell)
+  np.testing.assert_array_equal(states.order,
+                                np.tile(np.arange(k), (n, 1)))  # Kept.
+  objects = np.asarray(states.object_positions) @ [size, 1]
+  assert all(len(set(row) | {agent_cell}) == k + 1 for row in objects)
+  # Each object uniform over the cells but the agent's.
+  for column in objects.T:
+    assert_uniform_counts(np.bincount(column, minlength=cells),
+                          np.arange(cells) != agent_cell)
+  if k > 1:
+    pairs = np.bincount(objects[:, 0] * cells + objects[:, 1],
+                        minlength=cells**2).reshape(cells, cells)
+    free = np.arange(cells) != agent_cell
+    assert_uniform_counts(pairs, distinct.reshape(cells, cells) &
+                          free[:, None] & free[None, :])
