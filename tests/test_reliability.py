@@ -283,8 +283,10 @@ def test_corrupt_latest_checkpoint_falls_back_and_equals_resuming_from_it(
   # Resuming from 4 and training to 8 is the uninterrupted run (deterministic).
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+  # Rows: the first iteration's, checkpoints 2 and 4 kept; the 6 written
+  # before the fallback dropped; then the resumed run's first line, 6, 8.
   rows = _csv_rows(logdir)
-  assert [int(r["iteration"]) for r in rows] == [2, 4, 6, 8]
+  assert [int(r["iteration"]) for r in rows] == [1, 2, 4, 5, 6, 8]
 
 
 def test_failed_resume_writes_nothing(tiny, tmp_path):
