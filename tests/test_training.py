@@ -151,9 +151,11 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
       np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
       # Adam divides by the gradient's running RMS, so float32 summation-order
       # noise in near-zero gradient entries can show up as a fraction of one
-      # step (lr = 3e-4); a real difference would be of the size of the moves.
+      # step (lr 3e-4, the distilled actor's 1e-3), over 6 iterations; a real
+      # difference (a device-dependent minibatch: 1e-2 here) is of the size
+      # of the moves.
       assert moved[0] > 5e-4, moved
-      assert max_diff < 1e-4, max_diff
+      assert max_diff < max(1e-4, 0.02 * moved[0]), (max_diff, moved)
     print("ALL_CASES_EQUAL")
 """)
 
