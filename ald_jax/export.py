@@ -58,6 +58,10 @@ DEFAULT_FIXED_BATCH_SIZES = (1,)
 Params = Any
 
 
+class ConversionError(RuntimeError):
+  """jax2onnx or onnxruntime cannot handle this model (a tool limitation)."""
+
+
 class LoadedRun(NamedTuple):
   """A trained run's acting model, ready to step.
 
@@ -299,7 +303,7 @@ def step_to_onnx(model: networks.RecurrentModel, params: Params,
     the new state leaves (names in the signature).
 
   Raises:
-    NotImplementedError: jax2onnx cannot convert the step (one line naming
+    ConversionError: jax2onnx cannot convert the step (one line naming
       the error).
   """
   import jax2onnx  # pylint: disable=g-import-not-at-top
@@ -329,19 +333,19 @@ def step_to_onnx(model: networks.RecurrentModel, params: Params,
                                output_names=output_names)
   except Exception as err:  # jax2onnx raises many types; report in one line
     message = " ".join(str(err).split())[:300]
-    raise NotImplementedError(
+    raise ConversionError(
         f"jax2onnx cannot convert the acting step with batch "
         f"{batch!r}: {type(err).__name__}: {message}") from err
   return proto, signature
 
 
 def check_onnx_loads(proto: Any, batch_size: Optional[int]) -> None:
-  """Raises NotImplementedError if onnxruntime rejects a converted model."""
+  """Raises ConversionError if onnxruntime rejects a converted model."""
   try:
     deploy.make_session(proto.SerializeToString(), batch_size=batch_size)
   except Exception as err:  # onnxruntime's own exception types
     message = " ".join(str(err).split())[:300]
-    raise NotImplementedError(
+    raise ConversionError(
         f"onnxruntime rejects the converted step (batch "
         f"{batch_size or deploy.BATCH_DIM!r}): {message}") from err
 
@@ -364,7 +368,7 @@ def convert_step(model: networks.RecurrentModel, params: Params,
     symbolic batch was not used ('' if it was).
 
   Raises:
-    NotImplementedError: no model could be converted and loaded.
+    ConversionError: no model could be converted and loaded.
   """
   note = ""
   if batch_sizes is None:
@@ -372,7 +376,7 @@ def convert_step(model: networks.RecurrentModel, params: Params,
       proto, signature = step_to_onnx(model, params, observation_size)
       check_onnx_loads(proto, 1)
       return {None: proto}, signature, note
-    except NotImplementedError as err:
+    except ConversionError as err:
       batch_sizes = tuple(sorted(set(fallback_batch_sizes)))
       note = (f"exported for fixed batch sizes {list(batch_sizes)}: a "
               f"symbolic batch failed ({err})")
@@ -392,7 +396,7 @@ def step_model_bytes(model: networks.RecurrentModel, params: Params,
   """A serialised ONNX step usable at `batch_size` (symbolic batch if possible).
 
   Raises:
-    NotImplementedError: the model cannot be converted at all.
+    ConversionError: the model cannot be converted at all.
   """
   protos, _, _ = convert_step(model, params, observation_size)
   if None not in protos:
@@ -581,7 +585,7 @@ def export_run(logdir: str, out_dir: Optional[str] = None, *,
   Raises:
     ValueError: the run cannot be loaded ('logdir: ...'), or the exported
       step disagrees with the JAX step ('parity: ...'; nothing is written).
-    NotImplementedError: the acting model cannot be converted.
+    ConversionError: the acting model cannot be converted.
   """
   run = run or load_acting_params(logdir)
   out_dir = out_dir or os.path.join(logdir, DEFAULT_EXPORT_SUBDIR)

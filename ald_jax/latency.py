@@ -234,7 +234,7 @@ def measure_step_latency_us(model: networks.RecurrentModel, params: Params,
 
   Raises:
     ValueError: a bad argument (one line naming it).
-    NotImplementedError: runtime 'onnx' and the model cannot be exported.
+    export.ConversionError: runtime 'onnx' and the model cannot be exported.
   """
   _check_args(batch_size, runtime, calls, warmup)
   if observation_size is None:
@@ -337,6 +337,6 @@ def measure_acting_latency(config: Any, env: Any, *,
       report[runtime] = measure_step_latency_us(
           model, params, batch_size, runtime=runtime, calls=calls,
           warmup=warmup, observation_size=env.observation_size)
-    except NotImplementedError as err:
+    except export.ConversionError as err:
       report[runtime] = {"skipped": " ".join(str(err).split())[:200]}
   return report

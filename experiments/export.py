@@ -119,7 +119,7 @@ def main(argv: Sequence[str]) -> None:
         _LOGDIR.value, out_dir, run=run, batch_sizes=sizes or None,
         parity_steps=_PARITY_STEPS.value, parity_batch=_PARITY_BATCH.value,
         verify_eval=_VERIFY_EVAL.value)
-  except (ValueError, NotImplementedError) as err:
+  except (ValueError, export.ConversionError) as err:
     _exit_with_error(_flag_error(err))
   for line in export.summary_lines(metadata, out_dir):
     print(line, flush=True)

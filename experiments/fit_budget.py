@@ -191,6 +191,7 @@ def main(argv: Sequence[str]) -> None:
     _exit_with_error(f"--env/--env_args: {err}")
   # pylint: disable=g-import-not-at-top
   import jax
+  from ald_jax import export
   from ald_jax import latency
   from ald_jax import networks
   from experiments import bench_utils
@@ -216,7 +217,7 @@ def main(argv: Sequence[str]) -> None:
             model, params, _BATCH.value, runtime=runtime, calls=_CALLS.value,
             warmup=_WARMUP.value,
             observation_size=env.observation_size)["median_us"]
-      except NotImplementedError as err:
+      except export.ConversionError as err:
         measured[runtime] = None
         notes.append(f"{runtime}: not exportable ({str(err)[:80]})")
     rows.append(Row(candidate.name, candidate.family,
