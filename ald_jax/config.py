@@ -152,9 +152,10 @@ class Config:
                                "params may be behind when the learner "
                                "consumes it; older segments are dropped "
                                "(distributed).")
-  segment_queue_size: int = _field(8, "Segments buffered at the learner; "
-                                   "actors wait when it is full "
-                                   "(distributed).")
+  segment_queue_size: int = _field(4, "Segments buffered at the learner, "
+                                   "split over the actors (at least one "
+                                   "each); an actor waits when its share is "
+                                   "full (distributed).")
   distill_error_buffer: int = _field(0, "Slack, in distill steps, of the "
                                      "enforced distill_steps_per_rl_step "
                                      "ratio (0: 2 * distill_steps_per_rl_step"

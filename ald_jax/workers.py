@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import inspect
 import math
-import queue
 import threading
 import time
 from typing import (Any, Callable, Deque, Dict, Hashable, List, NamedTuple,
@@ -256,8 +255,10 @@ class ActorCore:
 class LearnerCore:
   """The learner: segment queue -> batches -> pmapped RL updates.
 
-  A batch is `num_envs / envs_per_actor` segments of distinct streams (a
-  segment whose stream is already in the batch waits for the next one).
+  A batch is `num_envs / envs_per_actor` segments of distinct actors (so of
+  distinct streams), the oldest waiting segment of each, oldest first. At
+  most ceil(segment_queue_size / num_actors) segments of one actor wait;
+  its next `add_segment` blocks (the actors' backpressure).
   Segments whose policy lag exceeds `max_policy_lag` are dropped (counted;
   the stream's next segment then finds a gap and its memory is reset).
 
@@ -287,9 +288,14 @@ class LearnerCore:
     self._finite = jax.jit(learner_lib.all_finite)
     self.streams = learner_lib.StreamMemory(self.learner.initial_memory(1))
     self.segments_per_batch = config.num_envs // config.envs_per_actor
-    self._queue: "queue.Queue[SegmentMessage]" = queue.Queue(
-        config.segment_queue_size)
-    self._held: Deque[SegmentMessage] = collections.deque()
+    # Received segments waiting for a batch, per actor (FIFO), bounded in
+    # total by segment_queue_size.
+    self._pending: Dict[int, Deque[Tuple[int, SegmentMessage]]] = {}
+    self._pending_count = 0
+    self.per_actor_capacity = max(1, -(-config.segment_queue_size //
+                                       config.num_actors))
+    self._arrivals = 0
+    self._cond = threading.Condition()
     self._lock = threading.Lock()
     self._stopped = threading.Event()
     self.version = int(jax.device_get(state.update_count))
@@ -307,60 +313,79 @@ class LearnerCore:
   # ------------------------------------------------------------ intake
   def add_segment(self, message: SegmentMessage, timeout: float = 1.0
                   ) -> bool:
-    """Queues a segment (blocks while the queue is full); False if stopped."""
-    while not self._stopped.is_set():
-      try:
-        self._queue.put(message, timeout=timeout)
-        return True
-      except queue.Full:
-        continue
-    return False
+    """Queues a segment (blocks while the queue is full); False if stopped.
+
+    A segment too old for `max_policy_lag` already on arrival is dropped
+    at once (it would be dropped anyway, and must not take a queue slot).
+    """
+    with self._cond:
+      # A bound per actor (not only in total): a batch needs segments of
+      # distinct actors, so no actor may fill the queue for the others.
+      mine = self._pending.setdefault(message.actor_id, collections.deque())
+      while len(mine) >= self.per_actor_capacity:
+        if self._stopped.is_set():
+          return False
+        self._cond.wait(timeout)
+      if self._stopped.is_set():
+        return False
+      with self._lock:
+        self._intake(message)
+        if not self._drop_if_stale(message):
+          mine.append((self._arrivals, message))
+          self._arrivals += 1
+          self._pending_count += 1
+      self._cond.notify_all()
+      return True
 
   def stop(self) -> None:
     self._stopped.set()
+    with self._cond:
+      self._cond.notify_all()
 
   @property
   def stopped(self) -> bool:
     return self._stopped.is_set()
 
   def queue_depth(self) -> int:
-    return self._queue.qsize() + len(self._held)
+    return self._pending_count
+
+  def _drop_if_stale(self, message: SegmentMessage) -> bool:
+    """Drops (and logs) a segment over the lag bound; call with the lock."""
+    lag = self.version - message.version
+    if lag <= self.config.max_policy_lag:
+      return False
+    self.dropped += 1
+    self._records.append((self.version, message.actor_id, message.epoch,
+                          message.seq, message.version, lag, 0))
+    return True
 
   def _next_batch(self, timeout: float) -> Optional[List[SegmentMessage]]:
-    """Segments of distinct streams for one batch, or None (stopped/timeout)."""
-    batch: List[SegmentMessage] = []
-    actors_in_batch = set()
+    """The oldest segment of each of `segments_per_batch` actors (distinct
+    streams), oldest first; None if stopped or none came within `timeout`.
+
+    Segments that became too old while waiting are dropped here.
+    """
     deadline = time.monotonic() + timeout
-    held: Deque[SegmentMessage] = collections.deque()
-    while len(batch) < self.segments_per_batch:
-      fresh = not self._held
-      if not fresh:
-        message = self._held.popleft()
-      else:
-        try:
-          message = self._queue.get(
-              timeout=max(0.0, min(0.1, deadline - time.monotonic())))
-        except queue.Empty:
-          if self._stopped.is_set() or time.monotonic() > deadline:
-            self._held.extendleft(reversed(batch + list(held)))
-            return None
-          continue
-      with self._lock:
-        if fresh:
-          self._intake(message)
-        lag = self.version - message.version
-        if lag > self.config.max_policy_lag:
-          self.dropped += 1
-          self._records.append((self.version, message.actor_id, message.epoch,
-                                message.seq, message.version, lag, 0))
-          continue
-      if message.actor_id in actors_in_batch:
-        held.append(message)   # same streams: the next batch
-        continue
-      actors_in_batch.add(message.actor_id)
-      batch.append(message)
-    self._held.extendleft(reversed(list(held)))
-    return batch
+    with self._cond:
+      while True:
+        with self._lock:
+          for queue_ in self._pending.values():
+            while queue_ and self._drop_if_stale(queue_[0][1]):
+              queue_.popleft()
+              self._pending_count -= 1
+        ready = sorted((q[0][0], actor) for actor, q in self._pending.items()
+                       if q)
+        if len(ready) >= self.segments_per_batch:
+          batch = [self._pending[actor].popleft()[1]
+                   for _, actor in ready[:self.segments_per_batch]]
+          self._pending_count -= len(batch)
+          self._cond.notify_all()
+          return batch
+        self._cond.notify_all()
+        remaining = deadline - time.monotonic()
+        if self._stopped.is_set() or remaining <= 0:
+          return None
+        self._cond.wait(min(remaining, 0.1))
 
   def _intake(self, message: SegmentMessage) -> None:
     """Counts a received segment (consumed or dropped), once."""
