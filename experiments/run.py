@@ -44,6 +44,7 @@ from typing import (Any, Callable, Dict, List, NoReturn, Optional, Sequence,
 from absl import app
 from absl import flags
 from absl import logging
+import dm_env
 import jax
 import numpy as np
 
@@ -158,6 +159,8 @@ def build_env(config: Config) -> env_api.Environment:
   except (ValueError, TypeError, ImportError, AttributeError) as err:
     field = "env_args" if _factory_resolves(config.env) else "env"
     raise ValueError(f"{field}: {err}") from err
+  if config.runtime == "distributed" and isinstance(env, dm_env.Environment):
+    return env  # stepped on the host by the actors; not traced
   try:
     weak_state = env_api.check_environment(env)
   except ValueError as err:
@@ -179,6 +182,8 @@ def check_memory(config: Config, env: env_api.Environment) -> None:
   Raises:
     ValueError: naming the size flags and the estimate.
   """
+  if isinstance(env, dm_env.Environment):
+    return
   from ald_jax import training  # pylint: disable=g-import-not-at-top
   nbytes = lambda tree: sum(  # noqa: E731
       math.prod(x.shape) * np.dtype(x.dtype).itemsize
@@ -227,13 +232,17 @@ def check_actor_latency(config: Config, env: env_api.Environment,
   """
   if config.actor_latency_budget_us <= 0:
     return None
+  if isinstance(env, dm_env.Environment):
+    raise ValueError("actor_latency_budget_us: not measured for a Python "
+                     "dm_env.Environment (its step cost is the simulator's)")
   from ald_jax import latency  # pylint: disable=g-import-not-at-top
   stream = stream or sys.stdout
   from ald_jax import agents  # pylint: disable=g-import-not-at-top
   role = agents.ROLES[config.agent].acting
   runtimes = ("jax", "onnx")
   report = latency.measure_acting_latency(
-      config, env, model=trainer.models[role], runtimes=runtimes)
+      config, env, model=trainer.models[role] if trainer else None,
+      runtimes=runtimes)
   figures = []
   for runtime in runtimes:
     result = report[runtime]
@@ -431,17 +440,27 @@ def _restore(config: Config, trainer: Any,
     ValueError: no usable checkpoint, another device count or structure.
   """
   like = trainer.to_host(trainer.init())
+  iteration, host = _restore_verified(ckpt, like, trainer.num_devices, stream)
+  return iteration, trainer.from_host(host)
+
+
+def _restore_verified(ckpt: checkpointing.Checkpointer, like: Any,
+                      num_devices: Optional[int], stream: TextIO
+                      ) -> Tuple[int, Any]:
+  """(step, host tree) of the newest checkpoint that verifies; removes the
+  newer ones it skipped. `num_devices`: the leading axis expected (None:
+  none)."""
   warn = lambda line: print(  # noqa: E731
       f"warning: {line}; removed, resuming from an older checkpoint",
       file=stream, flush=True)
   try:
     iteration, host = ckpt.restore_latest(like, warn=warn)
   except checkpointing.CheckpointMismatchError as err:
-    saved_devices = _saved_device_count(ckpt)
-    if saved_devices is not None and saved_devices != trainer.num_devices:
+    saved_devices = _saved_device_count(ckpt) if num_devices else None
+    if saved_devices is not None and saved_devices != num_devices:
       raise ValueError(
           f"num_devices: the checkpoint was written with {saved_devices} "
-          f"device(s), this run uses {trainer.num_devices}; resume with "
+          f"device(s), this run uses {num_devices}; resume with "
           f"--num_devices={saved_devices} on a machine that has them") from err
     raise ValueError(f"resume: {err} (was it written with another --agent, "
                      f"--env or model sizes?)") from err
@@ -452,7 +471,7 @@ def _restore(config: Config, trainer: Any,
   for step in ckpt.all_steps():
     if step > iteration:
       ckpt.delete(step)
-  return iteration, trainer.from_host(host)
+  return iteration, host
 
 
 def _saved_device_count(ckpt: checkpointing.Checkpointer) -> Optional[int]:
@@ -504,6 +523,13 @@ def train(config: Config, env: env_api.Environment, *,
     NonFiniteError: an iteration produced NaN/inf (nothing of it is saved).
   """
   stream = stream or sys.stdout
+  if config.runtime == "distributed":
+    with logdir_lock.LogdirLock(config.logdir) as lock:
+      if lock.note:
+        print(f"note: {lock.note}", file=stream, flush=True)
+      check_logdir(config)
+      _write_actor_latency(config, actor_latency)
+      return _train_distributed_locked(config, env, stream)
   if trainer is None:
     # Imported on use: the flag checks and flagfile parsing need none of it.
     from ald_jax import training  # pylint: disable=g-import-not-at-top
@@ -514,10 +540,43 @@ def train(config: Config, env: env_api.Environment, *,
     if lock.note:
       print(f"note: {lock.note}", file=stream, flush=True)
     check_logdir(config)  # again, now that no other run can change it
-    if actor_latency is not None:
-      with open(os.path.join(config.logdir, ACTOR_LATENCY_JSON), "w") as f:
-        json.dump(actor_latency, f, indent=2, sort_keys=True)
+    _write_actor_latency(config, actor_latency)
     return _train_locked(config, trainer, total_iterations, stream, clock)
+
+
+def _write_actor_latency(config: Config,
+                         actor_latency: Optional[Dict[str, Any]]) -> None:
+  if actor_latency is not None:
+    with open(os.path.join(config.logdir, ACTOR_LATENCY_JSON), "w") as f:
+      json.dump(actor_latency, f, indent=2, sort_keys=True)
+
+
+def _train_distributed_locked(config: Config, env: Any, stream: TextIO
+                              ) -> Tuple[Any, Dict[str, float]]:
+  """--runtime=distributed: ald_jax.distributed with this logdir's files."""
+  from ald_jax import distributed  # pylint: disable=g-import-not-at-top
+  with checkpointing.Checkpointer(_checkpoint_dir(config.logdir),
+                                  max_to_keep=CHECKPOINTS_TO_KEEP) as ckpt:
+    start_state, iteration, env_steps = None, 0, 0
+    if config.resume:
+      like = distributed.checkpoint_like(config, env)
+      iteration, host = _restore_verified(ckpt, like, None, stream)
+      start_state = distributed.DistributedState(*host) if not isinstance(
+          host, distributed.DistributedState) else host
+      env_steps = int(start_state.counters["env_steps"])
+    write_config_json(config)
+    with logging_utils.MetricsWriter(
+        config.logdir, resume_iteration=iteration if config.resume else None,
+        resume_step=env_steps) as writer:
+      state, metrics = distributed.train_distributed(
+          config, env, stream=stream, checkpointer=ckpt,
+          metrics_writer=writer, start_state=start_state)
+    nonfinite = int(metrics.get("nonfinite", 0) or 0)
+    if nonfinite:
+      ckpt.wait_until_finished()
+      raise NonFiniteError(int(metrics.get("iteration", 0)),
+                           _describe_nonfinite(nonfinite), ckpt.latest_step())
+  return state, metrics
 
 
 def _train_locked(config: Config, trainer: Any, total_iterations: int,
@@ -732,6 +791,12 @@ def main(argv: Sequence[str]) -> None:
     cache_dir = compile_watch.resolve_cache_dir(config.compilation_cache_dir)
     if cache_dir:
       compile_watch.enable_persistent_cache(cache_dir)
+    if config.runtime == "distributed":
+      from ald_jax import distributed  # pylint: disable=g-import-not-at-top
+      latency_report = check_actor_latency(config, env, None)
+      state, _ = train(config, env, actor_latency=latency_report)
+      evaluate_and_save(distributed.Evaluator(config, env), state, config)
+      return
     from ald_jax import training  # pylint: disable=g-import-not-at-top
     trainer = training.make_trainer(config, env)
     latency_report = check_actor_latency(config, env, trainer)
