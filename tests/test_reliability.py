@@ -433,3 +433,29 @@ def test_env_demo_takes_env_args():
       [sys.executable, demo, "--env=imaze", "--env_args=corridor_lenth=2"],
       capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
   assert bad.returncode != 0 and "corridor_lenth" in bad.stderr
+
+
+# --------------------------------------------------- the distributed runtime ---
+
+
+def test_run_py_distributed_writes_the_same_logdir_and_leaves_no_ray(
+    tmp_path):
+  logdir = tmp_path / "run"
+  result = _run([f"--logdir={logdir}", "--runtime=distributed",
+                 "--agent=lstm", "--env=recall", "--env_args=delay=2",
+                 "--num_envs=8", "--num_actors=1", "--envs_per_actor=8",
+                 "--unroll_length=8", "--encoder_hidden=16",
+                 "--lstm_hidden=16", "--total_env_steps=640",
+                 "--checkpoint_every_iterations=4", "--eval_episodes=8",
+                 "--ray_num_cpus=2"], timeout=400)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ("config.json", "metrics.csv", "eval.json", "checkpoints",
+               logdir_lock.LOCK_FILE):
+    assert (logdir / name).exists(), name
+  assert glob.glob(str(logdir / "events.out.tfevents.*"))
+  with checkpointing.Checkpointer(str(logdir / "checkpoints")) as ckpt:
+    step = ckpt.latest_step()
+    tree = ckpt.restore(step, require_finite=True)  # verified
+  assert int(np.asarray(tree["counters"]["env_steps"])) >= 640
+  with open(logdir / "eval.json") as f:
+    assert json.load(f)["eval_episodes"] == 8
