@@ -152,7 +152,7 @@ class Config:
                                "params may be behind when the learner "
                                "consumes it; older segments are dropped "
                                "(distributed).")
-  segment_queue_size: int = _field(4, "Segments buffered at the learner, "
+  segment_queue_size: int = _field(2, "Segments buffered at the learner, "
                                    "split over the actors (at least one "
                                    "each); an actor waits when its share is "
                                    "full (distributed).")

@@ -172,7 +172,6 @@ class _ActorProcess:
     self._thread.start()
 
   def _loop(self) -> None:
-    pending = None
     try:
       while not self._stop.is_set():
         got = ray.get(self.hub.get_acting_params.remote(self.core.params_id))
@@ -182,9 +181,10 @@ class _ActorProcess:
           time.sleep(0.05)
           continue
         message = self.core.act()
-        if pending is not None and not ray.get(pending):
+        # Waits while this actor's share of the learner's queue is full, so
+        # that the next segment is acted with params as fresh as possible.
+        if not ray.get(self.learner.add_segment.remote(message)):
           return  # the learner stopped
-        pending = self.learner.add_segment.remote(message)
     except Exception:  # pylint: disable=broad-except
       if not self._stop.is_set():
         self.error = traceback.format_exc()
@@ -376,18 +376,23 @@ class _DistillerProcess:
 # ------------------------------------------------------------------ driver ---
 
 
-def _worker_env_vars(cpu_only: bool) -> Dict[str, str]:
-  """Environment of the Ray worker processes."""
+def _worker_env_vars(cpu_only: bool, single_thread: bool = False
+                     ) -> Dict[str, str]:
+  """Environment of the Ray worker processes.
+
+  cpu_only: JAX on the CPU only. single_thread: XLA:CPU without its own
+  thread pool (actors and the hub: many small calls, one process per core).
+  """
   paths = [p for p in sys.path if p and os.path.isdir(p)]
   env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
          "NPROC": os.environ.get("NPROC", "4"),
          # Several processes share the accelerator (learner, distillers).
          "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
          "TF_CPP_MIN_LOG_LEVEL": "2"}
+  if single_thread:
+    env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
   if cpu_only:
     env["JAX_PLATFORMS"] = "cpu"
-    # One process per core: no intra-op thread pool of its own.
-    env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
   elif os.environ.get("JAX_PLATFORMS"):
     env["JAX_PLATFORMS"] = os.environ["JAX_PLATFORMS"]
   return env
@@ -415,7 +420,7 @@ def _start_ray(config: Config) -> bool:
 def _placement(local: bool) -> Dict[str, Dict[str, Any]]:
   """Ray options per role: actors on CPUs, learner/distillers on a GPU."""
   gpus = ray.cluster_resources().get("GPU", 0)
-  cpu_env = {"env_vars": _worker_env_vars(cpu_only=True)}
+  cpu_env = {"env_vars": _worker_env_vars(cpu_only=True, single_thread=True)}
   acc_env = {"env_vars": _worker_env_vars(cpu_only=gpus == 0)}
   # On one machine every role shares its cores (no CPU reservation); on a
   # cluster each actor reserves a CPU, so that actors spread over CPU nodes.

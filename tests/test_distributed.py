@@ -196,6 +196,7 @@ def test_a_python_dm_env_trains_through_the_distributed_runtime(tmp_path):
   assert result["eval_return"] >= 0.9, (result, out[-2000:])
 
 
+@pytest.mark.slow  # two runs (about a minute): outside the default suite
 def test_checkpoints_and_resume(tmp_path):
   config = Config(agent="ald", total_env_steps=4_800,
                   checkpoint_every_iterations=20,

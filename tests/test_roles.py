@@ -71,7 +71,8 @@ def test_learner_role_update_equals_sync_learner_update(agent, rl_loss):
     assert extras.mask.shape == (config.unroll_length, config.num_envs)
 
 
-@pytest.mark.parametrize("distill_targets", ["recompute", "stored"])
+@pytest.mark.parametrize("distill_targets", [
+    "recompute", pytest.param("stored", marks=pytest.mark.slow)])
 def test_distill_step_equals_sync_distillation_step(distill_targets):
   """One distiller gradient + the hub's optimiser step == the sync runtime's
   distillation phase (K = 1) on the same minibatch and params."""
