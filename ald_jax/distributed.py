@@ -578,6 +578,7 @@ def _drive(config, env, roles, learner, hub, distillers, actors, checkpointer,
   success_known = True
   lp = hp = None
   last_health = start_time
+  health: Dict[int, float] = {}
   while True:
     time.sleep(POLL_SECONDS)
     lp = ray.get(learner.poll.remote())
@@ -585,8 +586,8 @@ def _drive(config, env, roles, learner, hub, distillers, actors, checkpointer,
     if lp["error"]:
       raise RuntimeError(f"learner failed:\n{lp['error']}")
     if clock() - last_health >= 2.0:
-      _check_health(actors, distillers)
       last_health = clock()
+      _check_health(actors, distillers, health, last_health)
     for record in lp["records"]:
       segments_csv.writerow(record)
     segments_file.flush()
@@ -648,17 +649,33 @@ def _drive(config, env, roles, learner, hub, distillers, actors, checkpointer,
   return state, row
 
 
-def _check_health(actors: List[Any], distillers: List[Any]) -> None:
-  """Raises if an actor or distiller thread failed (not if one is restarting)."""
-  refs = [h.info.remote() for h in actors + distillers]
+UNHEALTHY_SECONDS = 120.0
+
+
+def _check_health(actors: List[Any], distillers: List[Any],
+                  last_ok: Dict[int, float], now: float) -> None:
+  """Raises if an actor or distiller thread failed, or if one has not
+  answered for UNHEALTHY_SECONDS (dead with its restarts used up); one that
+  is being restarted is given that long."""
+  handles = actors + distillers
+  refs = [h.info.remote() for h in handles]
   ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
-  for ref in ready:
-    try:
-      info = ray.get(ref)
-    except ray.exceptions.RayActorError:
-      continue  # died: Ray restarts it (or the restarts are used up)
-    if info.get("error"):
-      raise RuntimeError(f"a worker failed:\n{info['error']}")
+  for i, ref in enumerate(refs):
+    last_ok.setdefault(i, now)
+    if ref in ready:
+      try:
+        info = ray.get(ref)
+      except ray.exceptions.RayActorError:
+        info = None  # died: Ray restarts it (or its restarts are used up)
+      if info is not None:
+        if info.get("error"):
+          raise RuntimeError(f"a worker failed:\n{info['error']}")
+        last_ok[i] = now
+    if now - last_ok[i] > UNHEALTHY_SECONDS:
+      kind = "actor" if i < len(actors) else "distiller"
+      index = i if i < len(actors) else i - len(actors)
+      raise RuntimeError(f"{kind} {index} has not answered for "
+                         f"{UNHEALTHY_SECONDS:.0f} s (dead, restarts used up?)")
 
 
 def _hub_nonfinite(metrics: Dict[str, float]) -> int:
