@@ -218,3 +218,54 @@ def test_distributed_config_is_validated():
       Config(**{**base, **change}).validate()
   # The sync runtime ignores the distributed fields.
   Config(num_envs=12, envs_per_actor=5).validate()
+
+
+def test_actor_per_env_inference_equals_batched():
+  """per_env (each stream at batch 1) acts exactly like batched inference:
+  the same env streams and sampling keys, so the same segments."""
+  segments = {}
+  for mode in ("batched", "per_env"):
+    config = Config(agent="ald", runtime="distributed", num_actors=1,
+                    envs_per_actor=3, actor_inference=mode,
+                    **{**TINY, "num_envs": 3})
+    env = registry.make("recall", delay=2)
+    actor = workers.ActorCore(config, env, actor_id=0)
+    models = agents.build_models(config, workers.env_info(config, env))
+    actor.set_params(0, 0, workers.initial_params(config, models)["actor"])
+    segments[mode] = [actor.act() for _ in range(2)]
+  for a, b in zip(segments["batched"], segments["per_env"]):
+    np.testing.assert_array_equal(a.segment.actions, b.segment.actions)
+    np.testing.assert_array_equal(a.segment.timesteps.observation,
+                                  b.segment.timesteps.observation)
+    np.testing.assert_allclose(a.segment.behaviour_logits,
+                               b.segment.behaviour_logits, atol=1e-5)
+    assert _max_diff(a.segment.acting_state, b.segment.acting_state) < 1e-5
+    assert a.segment.actions.shape == (TINY["unroll_length"], 3)
+    np.testing.assert_array_equal(a.episodes, b.episodes)
+
+
+def test_host_acting_records_the_logits_its_model_unrolls_to():
+  """HostActing over Python dm_env envs (both inference modes): recorded
+  behaviour logits == the model's unroll from the recorded start state."""
+  from envs import dm_env_adapters  # pylint: disable=g-import-not-at-top
+  from envs.dm_env_adapters import JaxToDmEnv  # pylint: disable=g-import-not-at-top
+  config = Config(agent="lstm", **TINY)
+  jax_env = registry.make("recall", delay=1)
+  model = agents.build_models(config, jax_env)["actor"]
+  params = model.init(jax.random.PRNGKey(1))
+  out = {}
+  for per_env in (False, True):
+    envs = dm_env_adapters.BatchedHostEnv(
+        [JaxToDmEnv(jax_env, seed=s) for s in range(3)])
+    host = acting_lib.HostActing(envs, model, 6, per_env=per_env, seed=0)
+    host.rollout(params)                       # a non-initial start state
+    segment, counts = host.rollout(params)
+    ts = segment.timesteps
+    unrolled, _ = model.unroll(params, segment.acting_state,
+                               ts.observation[:-1], ts.step_type[:-1] == 0)
+    np.testing.assert_allclose(unrolled.logits, segment.behaviour_logits,
+                               atol=1e-5)
+    assert (ts.step_type[1:-1] == 0).any()     # covers episode resets
+    assert counts["count"] > 0
+    out[per_env] = segment
+  np.testing.assert_array_equal(out[False].actions, out[True].actions)
