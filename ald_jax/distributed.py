@@ -64,7 +64,6 @@ import ray
 
 from ald_jax import acting as acting_lib
 from ald_jax import agents
-from ald_jax import distillation
 from ald_jax import learner as learner_lib
 from ald_jax import logging_utils
 from ald_jax import workers
@@ -398,10 +397,12 @@ def _worker_env_vars(cpu_only: bool, single_thread: bool = False
   return env
 
 
-def _start_ray(config: Config) -> bool:
-  """Connects to Ray; returns whether this call started a local instance."""
+def _start_ray(config: Config) -> Tuple[bool, bool]:
+  """Connects to Ray: (whether this call connected, whether to a local
+  instance it started). A driver that connected also disconnects at the end:
+  left connected, it would die with a joined cluster that is later stopped."""
   if ray.is_initialized():
-    return False
+    return False, False
   common = dict(include_dashboard=False, logging_level="warning",
                 log_to_driver=True,
                 runtime_env={"env_vars": _worker_env_vars(cpu_only=False)})
@@ -410,11 +411,21 @@ def _start_ray(config: Config) -> bool:
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
     if config.ray_address:
       ray.init(address=config.ray_address, **common)
-      return False
+      return True, False
     ray.init(address="local",
              num_cpus=config.ray_num_cpus or min(os.cpu_count() or 1, 4),
              **common)
-  return True
+  return True, True
+
+
+def _ray_line(local: bool) -> str:
+  """Which Ray cluster the run's processes live on, and its resources."""
+  resources = ray.cluster_resources()
+  where = ("a local Ray instance" if local else
+           f"the Ray cluster at {ray.get_runtime_context().gcs_address}")
+  return (f"ray: {where}, {len(ray.nodes())} node(s), "
+          f"{resources.get('CPU', 0):g} CPU(s), {resources.get('GPU', 0):g} "
+          f"GPU(s)")
 
 
 def _placement(local: bool) -> Dict[str, Dict[str, Any]]:
@@ -482,12 +493,12 @@ def train_distributed(
   stream = stream or sys.stdout
   config.validate()
   # Ray first: it starts its processes before this one runs JAX threads.
-  started = _start_ray(config)
+  connected, started = _start_ray(config)
   try:
     return _train(config, env, stream, checkpointer, metrics_writer,
                   start_state, clock, on_poll, started)
   finally:
-    if started and ray.is_initialized():
+    if connected and ray.is_initialized():
       ray.shutdown()
 
 
@@ -544,6 +555,7 @@ def _train(config, env, stream, checkpointer, metrics_writer, start_state,
     if not resuming:
       segments_csv.writerow(["learner_version", "actor", "epoch", "seq",
                              "behaviour_version", "lag", "consumed"])
+    print(_ray_line(started), file=stream, flush=True)
     print(f"{config.agent} on {config.env}"
           f"{' (' + config.env_args + ')' if config.env_args else ''}: "
           f"distributed, {config.num_actors} actor(s) x "

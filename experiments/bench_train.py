@@ -32,13 +32,14 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from ald_jax import agents  # pylint: disable=wrong-import-position
 from ald_jax import training  # pylint: disable=wrong-import-position
 from ald_jax.config import Config  # pylint: disable=wrong-import-position
 from envs import registry  # pylint: disable=wrong-import-position
 from experiments import bench_utils  # pylint: disable=wrong-import-position
 
 # 'ald_stored' is ald with --distill_targets=stored.
-_VARIANTS = {"lstm": {}, "gtrxl": {}, "asym": {}, "ald": {},
+_VARIANTS = {**{agent: {} for agent in agents.AGENTS},
              "ald_stored": {"agent": "ald", "distill_targets": "stored"}}
 _AGENTS = flags.DEFINE_list("agents", list(_VARIANTS), "Agents to measure "
                             f"(of {', '.join(_VARIANTS)}).")

@@ -5,7 +5,7 @@ r"""The reproduction study: four agents x seeds, a sizing sweep, a K sweep.
     python experiments/study.py --only_report         # rebuild docs/results.md
 
 Each run is one `experiments/run.py` training run (same Config, same
-`run.train`), done in-process one after another. Its flags are
+`ald_jax.runner.train`), done in-process one after another. Its flags are
 `experiments/configs/study/<env>.cfg` plus `--agent`, `--seed`,
 `--total_env_steps` (the env's budget) and, for sweep runs, one override. A run
 lives in `<runs_dir>/<env>-<env_args>-<budget>/<agent>[-<override>]-s<seed>`,
@@ -25,9 +25,9 @@ The report (`--out`, with figures and summary.csv in `<dir of out>/results/`)
 is always rebuilt from whatever runs of the requested plan exist. A section of
 the existing report between the ANALYSIS markers is kept verbatim.
 
-Wall-clock: `elapsed_s` of metrics.csv. Before `run.train` starts its clock the
+Wall-clock: `elapsed_s` of metrics.csv. Before `runner.train` starts its clock the
 study compiles the iteration (one throw-away iteration of a fresh state; the
-same seed makes `run.train` start from the identical state), so curves and
+same seed makes `runner.train` start from the identical state), so curves and
 times-to-threshold exclude XLA compilation; compile time is reported apart.
 """
 import os
@@ -59,8 +59,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import plot as plot_lib
-import run as run_lib
 from ald_jax import agents as agents_lib
+from ald_jax import config as config_lib
+from ald_jax import logging_utils
+from ald_jax import runner
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 AGENT_ORDER = agents_lib.AGENTS  # lstm, gtrxl, asym, ald
@@ -168,11 +170,11 @@ def parse_thresholds(items: Sequence[str]) -> Dict[str, Tuple[str, float]]:
   return out
 
 
-def base_config(env: str, config_dir: str) -> run_lib.Config:
+def base_config(env: str, config_dir: str) -> runner.Config:
   path = os.path.join(config_dir, f"{env}.cfg")
   if not os.path.exists(path):
     raise ValueError(f"envs: no study config {path}")
-  return run_lib.parse_config(["study", f"--flagfile={path}"])
+  return runner.parse_config(["study", f"--flagfile={path}"])
 
 
 def make_spec(group: str, env: str, agent: str, seed: int, *, config_dir: str,
@@ -183,7 +185,7 @@ def make_spec(group: str, env: str, agent: str, seed: int, *, config_dir: str,
   base = base_config(env, config_dir)
   env_args = base.env_args if env_args is None else env_args
   budget = budgets.get(env, base.total_env_steps)
-  fields = run_lib.config_lib.parse_env_args(override)
+  fields = config_lib.parse_env_args(override)
   budget = int(fields.pop("total_env_steps", budget))  # an override wins
   folder = f"{env}-{_slug(env_args)}-{budget}"
   name = f"{agent}{'-' + _slug(override) if override else ''}-s{seed}"
@@ -223,7 +225,7 @@ def plan(config_dir: str, runs_dir: str) -> List[RunSpec]:
   if _FLAGS.sweep_env:
     base = base_config(_FLAGS.sweep_env, config_dir)
     for override in _FLAGS.sweep:
-      fields = run_lib.config_lib.parse_env_args(override)
+      fields = config_lib.parse_env_args(override)
       unchanged = all(getattr(base, k) == v for k, v in fields.items())
       for seed in seeds:
         specs.append(make_spec(
@@ -250,7 +252,7 @@ def plan(config_dir: str, runs_dir: str) -> List[RunSpec]:
 
 def _comparable(config_dict: Dict[str, object]) -> Dict[str, object]:
   return {k: v for k, v in config_dict.items()
-          if k not in run_lib.RESUMABLE_FIELDS}
+          if k not in runner.RESUMABLE_FIELDS}
 
 
 def train_spec(spec: RunSpec, stream: TextIO) -> bool:
@@ -263,9 +265,9 @@ def train_spec(spec: RunSpec, stream: TextIO) -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   from ald_jax import training  # pylint: disable=g-import-not-at-top
 
-  config = run_lib.parse_config(["study", *spec.argv])
-  if os.path.exists(os.path.join(spec.logdir, run_lib.EVAL_JSON)):
-    with open(os.path.join(spec.logdir, run_lib.CONFIG_JSON)) as f:
+  config = runner.parse_config(["study", *spec.argv])
+  if os.path.exists(os.path.join(spec.logdir, runner.EVAL_JSON)):
+    with open(os.path.join(spec.logdir, runner.CONFIG_JSON)) as f:
       saved = json.load(f)
     if _comparable(saved) != _comparable(dataclasses.asdict(config)):
       raise ValueError(f"runs_dir: {spec.logdir} holds a run of another "
@@ -273,7 +275,7 @@ def train_spec(spec: RunSpec, stream: TextIO) -> bool:
     return False
   if os.path.isdir(spec.logdir):
     shutil.rmtree(spec.logdir)  # interrupted: start again
-  env = run_lib.prepare(config)
+  env = runner.prepare(config)
   trainer = training.make_trainer(config, env)
   start = time.monotonic()
   warm_state, _ = trainer.train_iteration(trainer.init())
@@ -283,11 +285,11 @@ def train_spec(spec: RunSpec, stream: TextIO) -> bool:
   os.makedirs(spec.logdir, exist_ok=True)
   start = time.monotonic()
   with open(os.path.join(spec.logdir, "progress.log"), "w") as log:
-    state, _ = run_lib.train(config, env, trainer=trainer, stream=log)
+    state, _ = runner.train(config, env, trainer=trainer, stream=log)
     info["train_wall_s"] = time.monotonic() - start
     with open(os.path.join(spec.logdir, STUDY_JSON), "w") as f:
       json.dump(info, f, indent=2, sort_keys=True)
-    result = run_lib.evaluate_and_save(trainer, state, config, stream=log)
+    result = runner.evaluate_and_save(trainer, state, config, stream=log)
   print(f"  done in {info['train_wall_s']:.0f}s (+{info['compile_s']:.0f}s "
         f"compile): eval success {result['eval_success_rate']:.0%}, return "
         f"{result['eval_return']:.2f}", file=stream, flush=True)
@@ -315,8 +317,8 @@ def measure_acting(spec: RunSpec, iterations: int) -> float:
       return json.load(f)["acting_env_steps_per_s"]
   import jax  # pylint: disable=g-import-not-at-top
   from ald_jax import training  # pylint: disable=g-import-not-at-top
-  config = run_lib.parse_config(["study", *spec.argv])
-  trainer = training.make_trainer(config, run_lib.build_env(config))
+  config = runner.parse_config(["study", *spec.argv])
+  trainer = training.make_trainer(config, runner.build_env(config))
   state, segment = trainer.collect(trainer.init())  # compiles
   jax.block_until_ready(segment)
   start = time.monotonic()
@@ -350,7 +352,7 @@ def measure_acting(spec: RunSpec, iterations: int) -> float:
 
 def load_metrics(logdir: str) -> Dict[str, np.ndarray]:
   """Columns of logdir/metrics.csv as float64 [num_rows] arrays (NaN: empty)."""
-  with open(os.path.join(logdir, run_lib.logging_utils.METRICS_CSV),
+  with open(os.path.join(logdir, logging_utils.METRICS_CSV),
             newline="") as f:
     rows = list(csv.DictReader(f))
   if not rows:
@@ -408,14 +410,14 @@ class RunResult(NamedTuple):
 def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
               window: float) -> Optional[RunResult]:
   """The RunResult of a complete run, None if it is not complete."""
-  if not os.path.exists(os.path.join(spec.logdir, run_lib.EVAL_JSON)):
+  if not os.path.exists(os.path.join(spec.logdir, runner.EVAL_JSON)):
     return None
   metric, threshold = thresholds[spec.env]
   columns = load_metrics(spec.logdir)
   curve = smoothed(columns["env_steps"], columns[metric],
                    columns["episodes"], window)
   index = first_reach(curve, threshold)
-  with open(os.path.join(spec.logdir, run_lib.EVAL_JSON)) as f:
+  with open(os.path.join(spec.logdir, runner.EVAL_JSON)) as f:
     evaluation = json.load(f)
   info = {}
   if os.path.exists(os.path.join(spec.logdir, STUDY_JSON)):

@@ -7,7 +7,14 @@ import csv
 import dataclasses
 import io
 import os
+import secrets
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import dm_env
 import numpy as np
@@ -21,6 +28,7 @@ from ald_jax import logging_utils
 from ald_jax.config import Config
 from envs import registry
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RAY_NAMES = ("raylet", "gcs_server", "ray::", "default_worker", "dashboard",
               "log_monitor", "runtime_env", "monitor.py")
 
@@ -224,3 +232,71 @@ def test_checkpoints_and_resume(tmp_path):
   assert int(state2.counters["distill_steps"]) > int(
       restored.counters["distill_steps"])
   assert f"iteration {step}," in out
+
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def test_ray_address_joins_an_existing_cluster_and_leaves_it_running(tmp_path):
+  # A cluster started apart from the run, as `ray start --head` on a head node
+  # (--block keeps its processes under the pid started here), joined by
+  # `run.py --ray_address=host:port` in its own process: Ray's token
+  # authentication is per process (RAY_AUTH_MODE, RAY_AUTH_TOKEN).
+  port = _free_port()
+  temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short socket paths
+  env = dict(os.environ, RAY_AUTH_MODE="token",
+             RAY_AUTH_TOKEN=secrets.token_hex(32), NPROC="4")
+  env.pop("RAY_AUTH_TOKEN_PATH", None)
+  head = subprocess.Popen(
+      [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+       "--block", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
+       f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+      start_new_session=True)
+  cluster, alive = [], []
+  try:
+    deadline = time.monotonic() + 120
+    while True:  # the head node takes a few seconds to listen
+      assert head.poll() is None, "ray start --head exited"
+      try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+      except OSError:
+        assert time.monotonic() < deadline, "the head node never listened"
+        time.sleep(1)
+    logdir = tmp_path / "joined"
+    run = subprocess.run(
+        [sys.executable, os.path.join(_REPO, "experiments", "run.py"),
+         f"--logdir={logdir}", "--runtime=distributed", "--agent=lstm",
+         "--env=recall", "--env_args=delay=2", "--num_envs=8",
+         "--num_actors=2", "--envs_per_actor=4", "--unroll_length=6",
+         "--encoder_hidden=16", "--lstm_hidden=16", "--total_env_steps=2000",
+         "--checkpoint_every_iterations=0", "--eval_episodes=8",
+         f"--ray_address=127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=400, env=env, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    line = next(l for l in run.stdout.splitlines() if l.startswith("ray: "))
+    assert line.startswith("ray: the Ray cluster at "), line  # not local
+    assert f":{port}, 1 node(s), 4 CPU(s)" in line, line
+    assert (logdir / "eval.json").exists()
+    # Joining does not own the cluster: it is still up after the run.
+    assert head.poll() is None
+    cluster = psutil.Process(head.pid).children(recursive=True)
+    assert any("gcs_server" in p.name() for p in cluster)
+  finally:
+    if head.poll() is None:
+      cluster = cluster or psutil.Process(head.pid).children(recursive=True)
+      head.send_signal(signal.SIGTERM)   # the pid started above
+      try:
+        head.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    _, alive = psutil.wait_procs(cluster, timeout=30)
+    for proc in alive:  # what the head's shutdown left behind, by pid
+      proc.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+  assert not alive, [p.pid for p in alive]
