@@ -115,6 +115,12 @@ flags.DEFINE_string("config_dir", os.path.join(_REPO_ROOT, "experiments",
                                                "configs", "study"),
                     "Where the study's <env>.cfg flagfiles live.")
 flags.DEFINE_string("runs_dir", "/work/study_runs", "Root of the run logdirs.")
+flags.DEFINE_string("archive_dir", os.path.join(_REPO_ROOT, "docs", "results",
+                                                "runs"),
+                    "Where each complete run's small files (config, eval, "
+                    "metrics.csv) are copied; a run found here is complete, "
+                    "so a study continues across machines and sessions from "
+                    "what is committed. Empty: no archive.")
 flags.DEFINE_string("out", os.path.join(_REPO_ROOT, "docs", "results.md"),
                     "The report; figures and summary.csv go to "
                     "<its dir>/results/.")
@@ -255,46 +261,109 @@ def _comparable(config_dict: Dict[str, object]) -> Dict[str, object]:
           if k not in runner.RESUMABLE_FIELDS}
 
 
+ARCHIVED_FILES = (runner.CONFIG_JSON, runner.EVAL_JSON, STUDY_JSON,
+                  logging_utils.METRICS_CSV)
+
+
+def archived_logdir(spec: RunSpec) -> Optional[str]:
+  """The archive copy's folder of spec: <archive_dir>/<env folder>/<name>."""
+  if not _FLAGS.archive_dir:
+    return None
+  folder, name = spec.logdir.rstrip("/").split("/")[-2:]
+  return os.path.join(_FLAGS.archive_dir, folder, name)
+
+
+def completed_logdir(spec: RunSpec) -> Optional[str]:
+  """Where spec's complete run is (its logdir, else the archive), or None."""
+  for logdir in (spec.logdir, archived_logdir(spec)):
+    if logdir and os.path.exists(os.path.join(logdir, runner.EVAL_JSON)):
+      return logdir
+  return None
+
+
+def archive(spec: RunSpec) -> None:
+  """Copies the small files of spec's complete run to the archive."""
+  target = archived_logdir(spec)
+  if not target:
+    return
+  os.makedirs(target, exist_ok=True)
+  for name in ARCHIVED_FILES:
+    if os.path.exists(os.path.join(spec.logdir, name)):
+      shutil.copy2(os.path.join(spec.logdir, name), os.path.join(target, name))
+  acting = acting_path(spec)
+  if os.path.exists(acting):
+    shutil.copy2(acting, os.path.join(os.path.dirname(target),
+                                      os.path.basename(acting)))
+
+
 def train_spec(spec: RunSpec, stream: TextIO) -> bool:
   """Trains one run unless complete; returns whether it trained.
 
   Raises:
     ValueError: a complete run in spec.logdir was trained with another config.
   """
-  # Imported on use: --only_report needs no JAX.
-  import jax  # pylint: disable=g-import-not-at-top
-  from ald_jax import training  # pylint: disable=g-import-not-at-top
-
   config = runner.parse_config(["study", *spec.argv])
-  if os.path.exists(os.path.join(spec.logdir, runner.EVAL_JSON)):
-    with open(os.path.join(spec.logdir, runner.CONFIG_JSON)) as f:
+  done = completed_logdir(spec)
+  if done:
+    with open(os.path.join(done, runner.CONFIG_JSON)) as f:
       saved = json.load(f)
     if _comparable(saved) != _comparable(dataclasses.asdict(config)):
-      raise ValueError(f"runs_dir: {spec.logdir} holds a run of another "
-                       f"config; delete it or choose another --runs_dir")
+      raise ValueError(f"runs_dir: {done} holds a run of another config; "
+                       f"delete it or choose another --runs_dir")
+    if done == spec.logdir:
+      archive(spec)  # a run of an older study.py, or one archived elsewhere
     return False
   if os.path.isdir(spec.logdir):
     shutil.rmtree(spec.logdir)  # interrupted: start again
   env = runner.prepare(config)
+  os.makedirs(spec.logdir, exist_ok=True)
+  if config.runtime == "distributed":
+    result, info = _train_distributed(config, env, spec)
+  else:
+    result, info = _train_sync(config, env, spec)
+  with open(os.path.join(spec.logdir, STUDY_JSON), "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  archive(spec)
+  compile_note = (f"+{info['compile_s']:.0f}s compile"
+                  if "compile_s" in info else "start-up and compile included")
+  print(f"  done in {info['train_wall_s']:.0f}s ({compile_note}): eval "
+        f"success {result['eval_success_rate']:.0%}, return "
+        f"{result['eval_return']:.2f}", file=stream, flush=True)
+  import jax  # pylint: disable=g-import-not-at-top  (--only_report: no JAX)
+  jax.clear_caches()
+  return True
+
+
+def _train_sync(config: runner.Config, env, spec: RunSpec):
+  """Compiles the iteration apart, then trains: wall-clock excludes XLA."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ald_jax import training  # pylint: disable=g-import-not-at-top
   trainer = training.make_trainer(config, env)
   start = time.monotonic()
   warm_state, _ = trainer.train_iteration(trainer.init())
   jax.block_until_ready(warm_state)
   info = {"compile_s": time.monotonic() - start}
   del warm_state
-  os.makedirs(spec.logdir, exist_ok=True)
   start = time.monotonic()
   with open(os.path.join(spec.logdir, "progress.log"), "w") as log:
     state, _ = runner.train(config, env, trainer=trainer, stream=log)
     info["train_wall_s"] = time.monotonic() - start
-    with open(os.path.join(spec.logdir, STUDY_JSON), "w") as f:
-      json.dump(info, f, indent=2, sort_keys=True)
     result = runner.evaluate_and_save(trainer, state, config, stream=log)
-  print(f"  done in {info['train_wall_s']:.0f}s (+{info['compile_s']:.0f}s "
-        f"compile): eval success {result['eval_success_rate']:.0%}, return "
-        f"{result['eval_return']:.2f}", file=stream, flush=True)
-  jax.clear_caches()
-  return True
+  return result, info
+
+
+def _train_distributed(config: runner.Config, env, spec: RunSpec):
+  """Trains through the Ray runtime; its processes compile on their own, so
+  the wall-clock to threshold is counted from the first learner update (see
+  `summarise`)."""
+  from ald_jax import distributed  # pylint: disable=g-import-not-at-top
+  start = time.monotonic()
+  with open(os.path.join(spec.logdir, "progress.log"), "w") as log:
+    state, _ = runner.train(config, env, stream=log)
+    info = {"train_wall_s": time.monotonic() - start}
+    result = runner.evaluate_and_save(distributed.Evaluator(config, env),
+                                      state, config, stream=log)
+  return result, info
 
 
 def acting_path(spec: RunSpec) -> str:
@@ -312,9 +381,9 @@ def measure_acting(spec: RunSpec, iterations: int) -> float:
   `acting_path(spec)` and reused when present.
   """
   path = acting_path(spec)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)["acting_env_steps_per_s"]
+  stored = _stored_acting(spec)
+  if math.isfinite(stored):
+    return stored
   import jax  # pylint: disable=g-import-not-at-top
   from ald_jax import training  # pylint: disable=g-import-not-at-top
   config = runner.parse_config(["study", *spec.argv])
@@ -343,6 +412,10 @@ def measure_acting(spec: RunSpec, iterations: int) -> float:
   with open(path, "w") as f:
     json.dump({"acting_env_steps_per_s": steps_per_s, "phase_ms": phase_ms,
                "iterations": iterations}, f, indent=2)
+  archived = archived_logdir(spec)
+  if archived:
+    os.makedirs(os.path.dirname(archived), exist_ok=True)
+    shutil.copy2(path, os.path.dirname(archived))
   jax.clear_caches()
   return steps_per_s
 
@@ -404,45 +477,73 @@ class RunResult(NamedTuple):
   acting_steps_per_s: float
   compile_s: float
   train_wall_s: float
+  logdir: str
   kl_final: float
 
 
 def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
               window: float) -> Optional[RunResult]:
-  """The RunResult of a complete run, None if it is not complete."""
-  if not os.path.exists(os.path.join(spec.logdir, runner.EVAL_JSON)):
+  """The RunResult of a complete run, None if it is not complete.
+
+  Wall-clock excludes compilation in both runtimes: a sync run compiles
+  before its clock starts (`_train_sync`); a distributed run's processes
+  compile after it, so its times are counted from its first metrics row
+  (written at the first learner update), and that start-up is its compile_s.
+  """
+  logdir = completed_logdir(spec)
+  if logdir is None:
     return None
   metric, threshold = thresholds[spec.env]
-  columns = load_metrics(spec.logdir)
+  columns = load_metrics(logdir)
   curve = smoothed(columns["env_steps"], columns[metric],
                    columns["episodes"], window)
   index = first_reach(curve, threshold)
-  with open(os.path.join(spec.logdir, runner.EVAL_JSON)) as f:
+  with open(os.path.join(logdir, runner.EVAL_JSON)) as f:
     evaluation = json.load(f)
   info = {}
-  if os.path.exists(os.path.join(spec.logdir, STUDY_JSON)):
-    with open(os.path.join(spec.logdir, STUDY_JSON)) as f:
+  if os.path.exists(os.path.join(logdir, STUDY_JSON)):
+    with open(os.path.join(logdir, STUDY_JSON)) as f:
       info = json.load(f)
+  with open(os.path.join(logdir, runner.CONFIG_JSON)) as f:
+    distributed_run = json.load(f).get("runtime") == "distributed"
+  elapsed, steps = columns["elapsed_s"], columns["env_steps"]
+  startup_s, startup_steps = ((float(elapsed[0]), float(steps[0]))
+                              if distributed_run else (0.0, 0.0))
+  if distributed_run:
+    info["compile_s"] = startup_s
   kl = columns.get("kl_actor_learner", np.array([np.nan]))
   return RunResult(
       spec=spec,
-      reach_steps=math.nan if index is None else columns["env_steps"][index],
-      reach_s=math.nan if index is None else columns["elapsed_s"][index],
+      reach_steps=math.nan if index is None else steps[index],
+      reach_s=math.nan if index is None else elapsed[index] - startup_s,
       final_train=float(curve[-1]),
       eval_success=evaluation["eval_success_rate"],
       eval_return=evaluation["eval_return"],
-      steps_per_s=float(columns["env_steps"][-1] / columns["elapsed_s"][-1]),
+      steps_per_s=float((steps[-1] - startup_steps) /
+                        max(elapsed[-1] - startup_s, 1e-9)),
       acting_steps_per_s=_stored_acting(spec),
       compile_s=info.get("compile_s", math.nan),
-      train_wall_s=info.get("train_wall_s", math.nan),
+      train_wall_s=info.get("train_wall_s", math.nan) - startup_s,
+      logdir=logdir,
       kl_final=float(np.nanmean(kl[-5:])) if np.any(np.isfinite(kl[-5:]))
       else math.nan)
 
 
+def _acting_file(spec: RunSpec) -> Optional[str]:
+  """The acting phase's JSON of spec's agent, in runs_dir or the archive."""
+  archived = archived_logdir(spec)
+  for path in (acting_path(spec), archived and os.path.join(
+      os.path.dirname(archived), os.path.basename(acting_path(spec)))):
+    if path and os.path.exists(path):
+      return path
+  return None
+
+
 def _stored_acting(spec: RunSpec) -> float:
-  if not os.path.exists(acting_path(spec)):
+  path = _acting_file(spec)
+  if path is None:
     return math.nan
-  with open(acting_path(spec)) as f:
+  with open(path) as f:
     return json.load(f)["acting_env_steps_per_s"]
 
 
@@ -450,9 +551,9 @@ def phase_table(specs: Sequence[RunSpec]) -> List[str]:
   """Milliseconds per call of each trainer phase, one row per agent."""
   lines = []
   for spec in specs:
-    if not os.path.exists(acting_path(spec)):
+    if _acting_file(spec) is None:
       continue
-    with open(acting_path(spec)) as f:
+    with open(_acting_file(spec)) as f:
       ms = json.load(f).get("phase_ms", {})
     if not lines:
       lines = ["| agent | rollout ms | learner update ms | distillation ms | "
@@ -626,7 +727,7 @@ def plot_kl(results: Sequence[RunResult], out: str, window: float) -> None:
   """KL(actor || learner) over env steps, mean across seeds per label."""
   by_label: Dict[str, List[np.ndarray]] = {}
   for r in results:
-    pairs = plot_lib.load_column_pair(r.spec.logdir, "env_steps",
+    pairs = plot_lib.load_column_pair(r.logdir, "env_steps",
                                       "kl_actor_learner")
     if len(pairs):
       by_label.setdefault(r.spec.label, []).append(pairs)
@@ -675,7 +776,7 @@ def write_summary_csv(results: Sequence[RunResult], path: str) -> None:
 def _plots(results: Sequence[RunResult], name: str, fig_dir: str,
            metric: str, rel_dir: str) -> List[str]:
   lines = []
-  logdirs = [r.spec.logdir for r in results]
+  logdirs = [r.logdir for r in results]
   labels = [r.spec.label for r in results]
   for x in ("env_steps", "time"):
     path = os.path.join(fig_dir, f"{name}_{x}.png")

@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,8 +98,10 @@ def test_tiny_study_end_to_end(tmp_path):
   (config_dir / "imaze.cfg").write_text(TINY_CFG)
   out = tmp_path / "report" / "results.md"
   runs = tmp_path / "runs"
+  archive = tmp_path / "archive"
   args = [sys.executable, STUDY_PY, f"--config_dir={config_dir}",
-          f"--runs_dir={runs}", f"--out={out}", "--envs=imaze",
+          f"--runs_dir={runs}", f"--archive_dir={archive}", f"--out={out}",
+          "--envs=imaze",
           "--agents=lstm", "--seeds=0", "--sweep_env=", "--sizing=", "--extra=",
           "--thresholds=imaze=success_rate:0.0", "--phases=main,acting",
           "--acting_iterations=2"]
@@ -117,11 +120,23 @@ def test_tiny_study_end_to_end(tmp_path):
       ("lstm", "0", "main")]
   assert float(rows[0]["reach_steps"]) > 0
   assert (out.parent / "results" / "main_imaze_env_steps.png").exists()
+  archived = archive / "imaze-corridorlength1-200" / "lstm-s0"
+  for name in ("config.json", "eval.json", "study.json", "metrics.csv"):
+    assert (archived / name).exists(), name
+  assert not (archived / "checkpoints").exists()  # small files only
 
-  # A hand-written analysis survives a rebuild; complete runs are skipped.
+  # On another machine (no runs_dir) the archive is the study's memory: a
+  # complete run is skipped and reported from it; a hand-written analysis
+  # survives a rebuild.
+  shutil.rmtree(runs)
   out.write_text(report.replace("(No analysis written yet.)", "MY NOTES"))
   second = subprocess.run(args, capture_output=True, text=True, timeout=120,
                           env=env, check=False)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "skipped" in second.stdout
-  assert "MY NOTES" in out.read_text()
+  assert not logdir.exists()  # nothing trained again
+  rebuilt = out.read_text()
+  assert "MY NOTES" in rebuilt and "| lstm | 1/1 |" in rebuilt
+  with open(out.parent / "results" / "summary.csv") as f:
+    assert [r["reach_steps"] for r in csv.DictReader(f)] == [
+        rows[0]["reach_steps"]]
