@@ -454,7 +454,8 @@ def vmpo_loss(logits: Array,
   Returns:
     (loss float32 [], metrics): eta, alpha, policy_loss, temperature_loss,
     kl_penalty, alpha_loss, kl_target, top_k_threshold (the smallest selected
-    advantage), num_selected, psi_max, advantage_mean (masked).
+    advantage), num_selected, psi_max, advantage_mean and entropy (nats, of
+    pi; masked).
   """
   chex.assert_rank([logits, target_logits, actions, advantages, mask],
                    [3, 3, 2, 2, 2])
@@ -527,6 +528,9 @@ def vmpo_loss(logits: Array,
       "num_selected": num_selected,
       "psi_max": psi_max,
       "advantage_mean": masked_mean(advantages, mask, axis_name),
+      # Not in the loss: V-MPO has no entropy bonus; a collapse shows here.
+      "entropy": masked_mean(_entropy(jax.lax.stop_gradient(logits)), mask,
+                             axis_name),
   }
   return loss, metrics
 

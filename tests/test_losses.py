@@ -84,7 +84,8 @@ def np_vmpo(logits, target_logits, actions, advantages, eta_param,
   parts = dict(policy_loss=policy, temperature_loss=temperature,
                kl_target=kl, top_k_threshold=threshold,
                num_selected=selected.sum(), kl_penalty=alpha * kl,
-               alpha_loss=alpha * (eps_alpha - kl))
+               alpha_loss=alpha * (eps_alpha - kl),
+               entropy=np_masked_mean(-(pi * log_pi).sum(-1), mask))
   return loss, parts, (d_logits, d_eta_param, d_alpha_param)
 
 
