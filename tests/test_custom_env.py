@@ -209,6 +209,7 @@ TINY = dict(env=FACTORY, env_args=f"corridor_length={L},time_limit={TIME_LIMIT}"
             gtrxl_memory_len=4, replay_segments=2)
 
 
+@pytest.mark.slow  # run.py trains lstm on it in the default suite
 def test_ald_trainer_runs_on_the_custom_env():
   config = Config(agent="ald", total_env_steps=48, **TINY)
   trainer = training.make_trainer(config, make_env())

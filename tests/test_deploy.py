@@ -44,6 +44,11 @@ def _run(args, timeout=300):
                         check=False)
 
 
+# One worker runs this module under pytest-xdist, so that the trained run
+# below (a module fixture) is trained once, not once per worker.
+pytestmark = pytest.mark.xdist_group("deploy_trained_run")
+
+
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory):
   """A trained tiny ald run (config.json, checkpoints/, eval.json)."""
