@@ -21,7 +21,7 @@ Phases:
   scale:  `--scale_agents` on `--sweep_env` with each `--scale` override.
   extra:  each `--extra` env:agent:overrides, every seed.
   acting: the acting throughput of each main agent (first seed's config).
-The report (`--out`, with figures and summary.csv in `<dir of out>/results/`)
+The report (`--out` X.md, with figures, summary.csv and the run archive in X/)
 is always rebuilt from whatever runs of the requested plan exist. A section of
 the existing report between the ANALYSIS markers is kept verbatim.
 
@@ -115,15 +115,15 @@ flags.DEFINE_string("config_dir", os.path.join(_REPO_ROOT, "experiments",
                                                "configs", "study"),
                     "Where the study's <env>.cfg flagfiles live.")
 flags.DEFINE_string("runs_dir", "/work/study_runs", "Root of the run logdirs.")
-flags.DEFINE_string("archive_dir", os.path.join(_REPO_ROOT, "docs", "results",
-                                                "runs"),
+flags.DEFINE_string("archive_dir", "auto",
                     "Where each complete run's small files (config, eval, "
                     "metrics.csv) are copied; a run found here is complete, "
                     "so a study continues across machines and sessions from "
-                    "what is committed. Empty: no archive.")
+                    "what is committed. auto: <report dir>/runs; empty: no "
+                    "archive.")
 flags.DEFINE_string("out", os.path.join(_REPO_ROOT, "docs", "results.md"),
-                    "The report; figures and summary.csv go to "
-                    "<its dir>/results/.")
+                    "The report X.md; figures and summary.csv go to "
+                    "<its dir>/X/ (docs/results.md: docs/results/).")
 flags.DEFINE_bool("only_report", False, "Train nothing; rebuild the report.")
 flags.DEFINE_integer("acting_iterations", 20, "Rollouts timed per agent by "
                      "the acting phase.")
@@ -267,10 +267,18 @@ ARCHIVED_FILES = (runner.CONFIG_JSON, runner.EVAL_JSON, STUDY_JSON,
 
 def archived_logdir(spec: RunSpec) -> Optional[str]:
   """The archive copy's folder of spec: <archive_dir>/<env folder>/<name>."""
-  if not _FLAGS.archive_dir:
+  root = _FLAGS.archive_dir
+  if root == "auto":
+    root = os.path.join(report_dir(_FLAGS.out), "runs")
+  if not root:
     return None
   folder, name = spec.logdir.rstrip("/").split("/")[-2:]
-  return os.path.join(_FLAGS.archive_dir, folder, name)
+  return os.path.join(root, folder, name)
+
+
+def report_dir(out: str) -> str:
+  """Figures, summary.csv and the run archive of report X.md: beside it, X/."""
+  return os.path.splitext(os.path.abspath(out))[0]
 
 
 def completed_logdir(spec: RunSpec) -> Optional[str]:
@@ -791,7 +799,7 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
   """Writes the markdown report, its figures and summary.csv."""
   thresholds = parse_thresholds(_FLAGS.thresholds)
   window = _FLAGS.smooth_env_steps
-  fig_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "results")
+  fig_dir = report_dir(out)
   rel_dir = os.path.relpath(fig_dir, os.path.dirname(os.path.abspath(out)))
   os.makedirs(fig_dir, exist_ok=True)
   results, missing = [], []

@@ -98,9 +98,8 @@ def test_tiny_study_end_to_end(tmp_path):
   (config_dir / "imaze.cfg").write_text(TINY_CFG)
   out = tmp_path / "report" / "results.md"
   runs = tmp_path / "runs"
-  archive = tmp_path / "archive"
   args = [sys.executable, STUDY_PY, f"--config_dir={config_dir}",
-          f"--runs_dir={runs}", f"--archive_dir={archive}", f"--out={out}",
+          f"--runs_dir={runs}", f"--out={out}",
           "--envs=imaze",
           "--agents=lstm", "--seeds=0", "--sweep_env=", "--sizing=", "--extra=",
           "--thresholds=imaze=success_rate:0.0", "--phases=main,acting",
@@ -120,7 +119,9 @@ def test_tiny_study_end_to_end(tmp_path):
       ("lstm", "0", "main")]
   assert float(rows[0]["reach_steps"]) > 0
   assert (out.parent / "results" / "main_imaze_env_steps.png").exists()
-  archived = archive / "imaze-corridorlength1-200" / "lstm-s0"
+  # The archive's default place: beside the report's figures.
+  archived = out.parent / "results" / "runs" / "imaze-corridorlength1-200" / (
+      "lstm-s0")
   for name in ("config.json", "eval.json", "study.json", "metrics.csv"):
     assert (archived / name).exists(), name
   assert not (archived / "checkpoints").exists()  # small files only
