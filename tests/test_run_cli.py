@@ -23,6 +23,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PY = os.path.join(REPO_ROOT, "experiments", "run.py")
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "experiments",
                                              "configs", "*.cfg")))
+STUDY_CONFIG_FILES = sorted(glob.glob(os.path.join(
+    REPO_ROOT, "experiments", "configs", "study*", "*.cfg")))
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +101,14 @@ def test_config_file_parses_and_validates(run, path):
   assert env.num_actions >= 2
   overridden = run.parse_config(["run.py", f"--flagfile={path}", "--seed=7"])
   assert overridden.seed == 7
+
+
+@pytest.mark.parametrize("path", STUDY_CONFIG_FILES,
+                         ids=lambda p: "/".join(p.split(os.sep)[-2:]))
+def test_study_config_file_parses_validates_and_names_its_env(run, path):
+  config = run.parse_config(["study", f"--flagfile={path}"]).validate()
+  assert config.env == os.path.basename(path)[:-len(".cfg")]
+  assert run.build_env(config).num_actions >= 2
 
 
 def test_agents_of_one_env_differ_only_in_agent_and_logdir(run):
