@@ -581,7 +581,7 @@ def _drive(config, env, roles, learner, hub, distillers, actors, checkpointer,
   resumed_elapsed = writer.resumed_elapsed_s if writer is not None else 0.0
   start_time = last_line = clock()
   version = counters0["iteration"]
-  last_ckpt = version
+  last_ckpt, saved_this_run = version, False
   interval = _Interval(start_time, counters0["env_steps"],
                        counters0["distill_steps"])
   last_learner_metrics: Dict[str, float] = {}
@@ -646,11 +646,18 @@ def _drive(config, env, roles, learner, hub, distillers, actors, checkpointer,
       last_line = now
       interval = _Interval(now, totals["env_steps"], totals["distill_steps"])
     every = config.checkpoint_every_iterations
-    if (checkpointer is not None and not nonfinite and version > last_ckpt and
+    # The end state replaces a checkpoint of the same learner version saved
+    # earlier in this run: segments dropped for lag and the distillers' last
+    # steps still changed the counters and the actor params since.
+    replace_final = done and saved_this_run and version == last_ckpt
+    if (checkpointer is not None and not nonfinite and
+        (version > last_ckpt or replace_final) and
         (done or (every and version // every > last_ckpt // every))):
+      if replace_final:
+        checkpointer.delete(version)
       checkpointer.save(version, jax.device_get(_snapshot(
           learner, hub, totals)))
-      last_ckpt = version
+      last_ckpt, saved_this_run = version, True
     if done:
       break
   if nonfinite:
