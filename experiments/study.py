@@ -6,7 +6,7 @@ r"""The reproduction study: four agents x seeds, a sizing sweep, a K sweep.
 
 Each run is one `experiments/run.py` training run (same Config, same
 `ald_jax.runner.train`), done in-process one after another. Its flags are
-`experiments/configs/study/<env>.cfg` plus `--agent`, `--seed`,
+`<--config_dir>/<env>.cfg` (default experiments/configs/study/) plus `--agent`, `--seed`,
 `--total_env_steps` (the env's budget) and, for sweep runs, one override. A run
 lives in `<runs_dir>/<env>-<env_args>-<budget>/<agent>[-<override>]-s<seed>`,
 so identical runs requested by two phases (e.g. the sizing sweep at the chosen
@@ -274,6 +274,13 @@ def archived_logdir(spec: RunSpec) -> Optional[str]:
     return None
   folder, name = spec.logdir.rstrip("/").split("/")[-2:]
   return os.path.join(root, folder, name)
+
+
+def _shown_path(path: str) -> str:
+  """A path as the report shows it: relative to the repo when inside it."""
+  path = os.path.abspath(path)
+  inside = path.startswith(_REPO_ROOT + os.sep)
+  return os.path.relpath(path, _REPO_ROOT) if inside else path
 
 
 def report_dir(out: str) -> str:
@@ -822,12 +829,13 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
   for env in sorted({s.env for s in specs if s.group != "sizing"}):
     metric, threshold = thresholds[env]
     base = base_config(env, _FLAGS.config_dir)
+    cfg_path = os.path.join(_FLAGS.config_dir, f"{env}.cfg")
     budget = next(s.budget for s in specs if s.env == env)
     env_lines.append(
         f"- **{env}** (`{base.env_args}`): budget {budget:,} env steps per run;"
         f" "
         f"threshold: smoothed training {metric.replace('_', ' ')} >= "
-        f"{threshold:g}. Config: `experiments/configs/study/{env}.cfg` "
+        f"{threshold:g}. Config: `{_shown_path(cfg_path)}` "
         f"(num_envs {base.num_envs}, unroll {base.unroll_length}, LSTM "
         f"{base.lstm_hidden}, GTrXL {base.gtrxl_layers}x{base.gtrxl_d_model} "
         f"memory {base.gtrxl_memory_len}, {base.rl_loss}, K="
