@@ -305,10 +305,8 @@ def archive(spec: RunSpec) -> None:
   for name in ARCHIVED_FILES:
     if os.path.exists(os.path.join(spec.logdir, name)):
       shutil.copy2(os.path.join(spec.logdir, name), os.path.join(target, name))
-  acting = acting_path(spec)
-  if os.path.exists(acting):
-    shutil.copy2(acting, os.path.join(os.path.dirname(target),
-                                      os.path.basename(acting)))
+  if os.path.exists(acting_path(spec)):
+    shutil.copy2(acting_path(spec), archived_acting_path(spec))
 
 
 def train_spec(spec: RunSpec, stream: TextIO) -> bool:
@@ -381,6 +379,13 @@ def _train_distributed(config: runner.Config, env, spec: RunSpec):
   return result, info
 
 
+def archived_acting_path(spec: RunSpec) -> Optional[str]:
+  """The archive's copy of `acting_path(spec)` (None: no archive)."""
+  archived = archived_logdir(spec)
+  return archived and os.path.join(os.path.dirname(archived),
+                                   os.path.basename(acting_path(spec)))
+
+
 def acting_path(spec: RunSpec) -> str:
   """Where the acting phase stores the acting throughput of spec's agent."""
   return os.path.join(os.path.dirname(spec.logdir),
@@ -427,10 +432,9 @@ def measure_acting(spec: RunSpec, iterations: int) -> float:
   with open(path, "w") as f:
     json.dump({"acting_env_steps_per_s": steps_per_s, "phase_ms": phase_ms,
                "iterations": iterations}, f, indent=2)
-  archived = archived_logdir(spec)
-  if archived:
-    os.makedirs(os.path.dirname(archived), exist_ok=True)
-    shutil.copy2(path, os.path.dirname(archived))
+  if archived_acting_path(spec):
+    os.makedirs(os.path.dirname(archived_acting_path(spec)), exist_ok=True)
+    shutil.copy2(path, archived_acting_path(spec))
   jax.clear_caches()
   return steps_per_s
 
@@ -546,9 +550,7 @@ def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
 
 def _acting_file(spec: RunSpec) -> Optional[str]:
   """The acting phase's JSON of spec's agent, in runs_dir or the archive."""
-  archived = archived_logdir(spec)
-  for path in (acting_path(spec), archived and os.path.join(
-      os.path.dirname(archived), os.path.basename(acting_path(spec)))):
+  for path in (acting_path(spec), archived_acting_path(spec)):
     if path and os.path.exists(path):
       return path
   return None
