@@ -111,6 +111,24 @@ def test_study_config_file_parses_validates_and_names_its_env(run, path):
   assert run.build_env(config).num_actions >= 2
 
 
+@pytest.mark.parametrize("env_name", ["imaze", "metafetch"])
+def test_distributed_study_config_is_the_sync_one_plus_its_runtime(run,
+                                                                   env_name):
+  """The round-2 sync vs distributed comparison holds everything else fixed."""
+  def fields_of(folder):
+    path = os.path.join(REPO_ROOT, "experiments", "configs", folder,
+                        f"{env_name}.cfg")
+    return dataclasses.asdict(run.parse_config(["study", f"--flagfile={path}"]))
+  sync, distributed = fields_of("study2"), fields_of("study2_distributed")
+  differing = {k for k in sync if sync[k] != distributed[k]}
+  assert differing == {"runtime", "actor_inference", "logdir"}
+  assert (distributed["runtime"], distributed["actor_inference"]) == (
+      "distributed", "per_env")
+  # One env per actor call, and the RL batch of the sync runtime.
+  assert (distributed["num_actors"] * distributed["envs_per_actor"]
+          == sync["num_envs"])
+
+
 def test_agents_of_one_env_differ_only_in_agent_and_logdir(run):
   by_env = {}
   for path in CONFIG_FILES:
