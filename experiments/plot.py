@@ -96,7 +96,9 @@ def aggregate(runs: Sequence[np.ndarray], num_points: int = 200) -> Curve:
 def plot_curves(logdirs: Sequence[str], out: str, *, x: str = "env_steps",
                 metric: str = "episode_return", title: Optional[str] = None,
                 labels: Optional[Sequence[str]] = None,
-                num_points: int = 200) -> Dict[str, Curve]:
+                num_points: int = 200,
+                x_offsets: Optional[Sequence[float]] = None
+                ) -> Dict[str, Curve]:
   """Writes a learning-curve figure of `logdirs` to `out` (PNG, PDF, ...).
 
   Args:
@@ -107,6 +109,8 @@ def plot_curves(logdirs: Sequence[str], out: str, *, x: str = "env_steps",
     title: figure title (default: the metric).
     labels: one label per logdir (default: `run_label`).
     num_points: grid size of each averaged curve.
+    x_offsets: one value per logdir subtracted from its x (e.g. a start-up
+      time in seconds); default none.
   Returns:
     label -> its Curve, in plotting order.
   Raises:
@@ -124,10 +128,15 @@ def plot_curves(logdirs: Sequence[str], out: str, *, x: str = "env_steps",
   if len(labels) != len(logdirs):
     raise ValueError(f"labels: need one per logdir ({len(logdirs)}, got "
                      f"{len(labels)})")
+  offsets = [0.0] * len(logdirs) if x_offsets is None else list(x_offsets)
+  if len(offsets) != len(logdirs):
+    raise ValueError(f"x_offsets: need one per logdir ({len(logdirs)}, got "
+                     f"{len(offsets)})")
   runs_by_label: Dict[str, List[np.ndarray]] = {}
-  for logdir, label in zip(logdirs, labels):
-    runs_by_label.setdefault(label, []).append(
-        load_column_pair(logdir, X_COLUMNS[x], metric))
+  for logdir, label, offset in zip(logdirs, labels, offsets):
+    pairs = load_column_pair(logdir, X_COLUMNS[x], metric)
+    pairs[:, 0] -= offset
+    runs_by_label.setdefault(label, []).append(pairs)
   curves = {label: aggregate(runs, num_points)
             for label, runs in runs_by_label.items()}
 

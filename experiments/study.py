@@ -523,8 +523,7 @@ def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
   if os.path.exists(os.path.join(logdir, STUDY_JSON)):
     with open(os.path.join(logdir, STUDY_JSON)) as f:
       info = json.load(f)
-  with open(os.path.join(logdir, runner.CONFIG_JSON)) as f:
-    distributed_run = json.load(f).get("runtime") == "distributed"
+  distributed_run = is_distributed_run(logdir)
   elapsed, steps = columns["elapsed_s"], columns["env_steps"]
   startup_s, startup_steps = ((float(elapsed[0]), float(steps[0]))
                               if distributed_run else (0.0, 0.0))
@@ -546,6 +545,11 @@ def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
       logdir=logdir,
       kl_final=float(np.nanmean(kl[-5:])) if np.any(np.isfinite(kl[-5:]))
       else math.nan)
+
+
+def is_distributed_run(logdir: str) -> bool:
+  with open(os.path.join(logdir, runner.CONFIG_JSON)) as f:
+    return json.load(f).get("runtime") == "distributed"
 
 
 def _acting_file(spec: RunSpec) -> Optional[str]:
@@ -706,26 +710,48 @@ def _ratio(numerator: float, denominator: float) -> str:
   return f"{numerator / denominator:.2f}x"
 
 
+def claim_verdict(value: float, limit: float, less: bool,
+                  numerator_censored: bool, denominator_censored: bool) -> str:
+  """Whether `value = a / b` meets `value <= limit` (less) or `>= limit`.
+
+  A censored mean is a lower bound of the true one (a seed that never reached
+  counts at the budget), so a censored numerator can only make the true ratio
+  larger and a censored denominator only smaller. Returns "yes" or "no" where
+  the bounds decide it, "undetermined" where they do not.
+  """
+  holds = value <= limit if less else value >= limit
+  if numerator_censored and denominator_censored:
+    return "undetermined"
+  if numerator_censored:  # true ratio >= value
+    decided = (not holds) if less else holds
+  elif denominator_censored:  # true ratio <= value
+    decided = holds if less else (not holds)
+  else:
+    decided = True
+  if not decided:
+    return "undetermined"
+  return "yes" if holds else "no"
+
+
 def claims_table(aggs: Dict[str, Aggregate]) -> List[str]:
   """The paper's headline checks, on censored means (lower bounds if any seed
-  did not reach)."""
-  def get(label):
-    return aggs.get(label)
+  did not reach; see `claim_verdict`)."""
   lines = ["| check | measured | holds? |", "|---|---|---|"]
-  lstm, gtrxl, asym, ald = (get(a) for a in AGENT_ORDER)
+  lstm, gtrxl, asym, ald = (aggs.get(a) for a in AGENT_ORDER)
 
   def row(name, a, b, attr, limit, less=True):
     if a is None or b is None:
       lines.append(f"| {name} | not run | - |")
       return
     value = getattr(a, attr) / getattr(b, attr)
-    exact = a.num_reached == a.num_runs and b.num_reached == b.num_runs
-    holds = value <= limit if less else value >= limit
+    a_censored, b_censored = (x.num_reached < x.num_runs for x in (a, b))
+    censored = [x.label for x, c in ((a, a_censored), (b, b_censored)) if c]
     digits = 1 if attr == "censored_s" else 0
     lines.append(f"| {name} | {value:.2f}x ({getattr(a, attr):,.{digits}f} vs "
                  f"{getattr(b, attr):,.{digits}f})"
-                 f"{'' if exact else ' (censored)'} | "
-                 f"{'yes' if holds else 'no'} |")
+                 f"{' (censored: ' + ', '.join(censored) + ')' if censored else ''}"
+                 f" | {claim_verdict(value, limit, less, a_censored, b_censored)}"
+                 f" |")
 
   row("gtrxl needs >= 2x fewer env steps than lstm (lstm / gtrxl)", lstm,
       gtrxl, "censored_steps", 2.0, less=False)
@@ -733,6 +759,8 @@ def claims_table(aggs: Dict[str, Aggregate]) -> List[str]:
       "censored_steps", 1.3)
   row("ald wall-clock < gtrxl's (ald / gtrxl)", ald, gtrxl, "censored_s",
       1.0 - 1e-9)
+  row("ald wall-clock <= 1.5x lstm's (ald / lstm)", ald, lstm, "censored_s",
+      1.5)
   row("asym worse than ald in env steps (asym / ald)", asym, ald,
       "censored_steps", 1.0 + 1e-9, less=False)
   row("ald fewer env steps than lstm (lstm / ald)", lstm, ald,
@@ -795,10 +823,15 @@ def _plots(results: Sequence[RunResult], name: str, fig_dir: str,
   lines = []
   logdirs = [r.logdir for r in results]
   labels = [r.spec.label for r in results]
+  # A distributed run's clock starts before its processes compile: its time
+  # axis starts at its first learner update, as its times to threshold do.
+  startup_s = [r.compile_s if is_distributed_run(r.logdir) else 0.0
+               for r in results]
   for x in ("env_steps", "time"):
     path = os.path.join(fig_dir, f"{name}_{x}.png")
     plot_lib.plot_curves(logdirs, path, x=x, metric=metric, labels=labels,
-                         title=f"{name}: training {metric.replace('_', ' ')}")
+                         title=f"{name}: training {metric.replace('_', ' ')}",
+                         x_offsets=startup_s if x == "time" else None)
     lines.append(f"![{name} by {x}]({rel_dir}/{os.path.basename(path)})")
   return lines
 
@@ -828,6 +861,8 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
            "Command: `python experiments/study.py " + " ".join(argv) + "`", "",
            "## Protocol", ""]
   env_lines = []
+  distributed = any(base_config(env, _FLAGS.config_dir).runtime ==
+                    "distributed" for env in {s.env for s in specs})
   for env in sorted({s.env for s in specs if s.group != "sizing"}):
     metric, threshold = thresholds[env]
     base = base_config(env, _FLAGS.config_dir)
@@ -855,7 +890,11 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
       " is `eval.json`: 64 argmax episodes of the acting model on fresh seeds "
       "after the budget.",
       "- Wall-clock excludes XLA compilation (one warm-up iteration before the "
-      "clock starts; its time is the *compile s* column). *Acting env steps/s*:"
+      "clock starts; its time is the *compile s* column)." + (
+          " A distributed-runtime run's processes compile after its clock "
+          "starts, so its wall-clock and train env steps/s count from its "
+          "first metrics row (the first learner update), and that start-up "
+          "is its *compile s*." if distributed else "") + " *Acting env steps/s*:"
       f" the acting model collecting segments alone (`Trainer.collect`, "
       f"{_FLAGS.acting_iterations} segments after a compiling one, untrained "
       f"params; a separate `acting` phase). *Train env steps/s*: "

@@ -73,6 +73,22 @@ def test_time_axis_and_success_rate(plot, logdirs, tmp_path):
   np.testing.assert_allclose(curves["lstm"].mean, [0.0, 0.625, 1.0])
 
 
+def test_time_offsets_shift_each_run_before_averaging(plot, logdirs, tmp_path):
+  # Seed 1 started 2 s later: shifted, its rows line up with seed 0's.
+  curves = plot.plot_curves(logdirs[:2], str(tmp_path / "t.png"), x="time",
+                            metric="success_rate", num_points=3,
+                            x_offsets=[0.0, 2.0])
+  # Overlap of t = 2..8 (seed 0) and 0..6 (seed 1): t = 2, 4, 6.
+  np.testing.assert_allclose(curves["lstm"].x, [2.0, 4.0, 6.0])
+  # Seed 0 reads 0, 0.5, 0.5. Seed 1, shifted, has rows at t=0 (0.0), t=4
+  # (1.0) and t=6 (1.0) (its row without episodes is dropped): 0.5 at t=2.
+  np.testing.assert_allclose(curves["lstm"].mean, [(0.0 + 0.5) / 2,
+                                                   (0.5 + 1.0) / 2,
+                                                   (0.5 + 1.0) / 2])
+  with pytest.raises(ValueError, match="x_offsets"):
+    plot.plot_curves(logdirs[:2], str(tmp_path / "t.png"), x_offsets=[1.0])
+
+
 def test_bad_arguments(plot, logdirs, tmp_path):
   with pytest.raises(ValueError, match="metric"):
     plot.plot_curves(logdirs, str(tmp_path / "a.png"), metric="loss")

@@ -143,3 +143,73 @@ def test_tiny_study_end_to_end(tmp_path):
   with open(out.parent / "results" / "summary.csv") as f:
     assert [r["reach_steps"] for r in csv.DictReader(f)] == [
         rows[0]["reach_steps"]]
+
+
+def _aggregate(study, label, censored_steps, censored_s, reached=3, runs=3):
+  nan = float("nan")
+  return study.Aggregate(
+      label=label, num_runs=runs, num_reached=reached, steps_mean=nan,
+      steps_std=nan, seconds_mean=nan, seconds_std=nan,
+      censored_steps=censored_steps, censored_s=censored_s,
+      eval_success=(nan, nan), eval_return=(nan, nan), final_train=(nan, nan),
+      steps_per_s=nan, acting_steps_per_s=nan, compile_s=nan, kl_final=nan)
+
+
+@pytest.mark.parametrize(
+    "value,less,a_censored,b_censored,expected",
+    [(0.5, True, False, False, "yes"), (2.0, True, False, False, "no"),
+     # A censored numerator is a lower bound: a ratio already too large stays
+     # too large; one small enough may not be.
+     (2.0, True, True, False, "no"), (0.5, True, True, False, "undetermined"),
+     # A censored denominator: the true ratio can only be smaller.
+     (0.5, True, False, True, "yes"), (2.0, True, False, True, "undetermined"),
+     (2.0, False, True, False, "yes"), (0.5, False, True, False,
+                                        "undetermined"),
+     (0.5, False, False, True, "no"), (2.0, False, False, True,
+                                       "undetermined"),
+     (2.0, False, True, True, "undetermined")])
+def test_claim_verdict_only_decides_what_the_censored_bounds_decide(
+    study, value, less, a_censored, b_censored, expected):
+  assert study.claim_verdict(value, 1.0, less, a_censored,
+                             b_censored) == expected
+
+
+def test_claims_table_rows_hand_computed(study):
+  aggs = {
+      "lstm": _aggregate(study, "lstm", 600_000, 10.0, reached=2),
+      "gtrxl": _aggregate(study, "gtrxl", 200_000, 40.0),
+      "asym": _aggregate(study, "asym", 500_000, 30.0, reached=1),
+      "ald": _aggregate(study, "ald", 240_000, 14.0),
+  }
+  rows = {line.split(" | ")[0].lstrip("| "): line
+          for line in study.claims_table(aggs)[2:]}
+  assert len(rows) == 6
+  # lstm / gtrxl = 3.0 >= 2 with lstm censored (lower bound): holds.
+  assert "3.00x" in rows["gtrxl needs >= 2x fewer env steps than lstm "
+                         "(lstm / gtrxl)"]
+  assert rows["gtrxl needs >= 2x fewer env steps than lstm (lstm / gtrxl)"
+              ].endswith("(censored: lstm) | yes |")
+  assert rows["ald env steps <= 1.3x gtrxl's (ald / gtrxl)"].endswith(
+      "1.20x (240,000 vs 200,000) | yes |")
+  assert rows["ald wall-clock < gtrxl's (ald / gtrxl)"].endswith(
+      "0.35x (14.0 vs 40.0) | yes |")
+  # 14 / 10 = 1.4 <= 1.5; lstm's 10 s is a lower bound, so the true ratio
+  # is at most 1.4: holds.
+  assert rows["ald wall-clock <= 1.5x lstm's (ald / lstm)"].endswith(
+      "1.40x (14.0 vs 10.0) (censored: lstm) | yes |")
+  # lstm / ald = 2.5 >= 1, lstm censored: holds; with ald censored too, the
+  # bounds decide nothing.
+  assert rows["ald fewer env steps than lstm (lstm / ald)"].endswith(
+      "2.50x (600,000 vs 240,000) (censored: lstm) | yes |")
+  # asym / ald = 2.08 >= 1, asym censored: holds.
+  assert rows["asym worse than ald in env steps (asym / ald)"].endswith(
+      "(censored: asym) | yes |")
+  aggs["ald"] = _aggregate(study, "ald", 240_000, 14.0, reached=2)
+  rows = {line.split(" | ")[0].lstrip("| "): line
+          for line in study.claims_table(aggs)[2:]}
+  assert rows["ald fewer env steps than lstm (lstm / ald)"].endswith(
+      "(censored: lstm, ald) | undetermined |")
+  del aggs["asym"]
+  rows = study.claims_table(aggs)
+  assert "| asym worse than ald in env steps (asym / ald) | not run | - |" in (
+      rows)
