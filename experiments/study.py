@@ -2,7 +2,7 @@ r"""The reproduction study: four agents x seeds, a sizing sweep, a K sweep.
 
     python experiments/study.py                # every phase, then the report
     python experiments/study.py --phases=main --envs=imaze --seeds=0,1,2
-    python experiments/study.py --only_report         # rebuild docs/results.md
+    python experiments/study.py --only_report         # rebuild docs/results_round1.md
 
 Each run is one `experiments/run.py` training run (same Config, same
 `ald_jax.runner.train`), done in-process one after another. Its flags are
@@ -121,9 +121,11 @@ flags.DEFINE_string("archive_dir", "auto",
                     "so a study continues across machines and sessions from "
                     "what is committed. auto: <report dir>/runs; empty: no "
                     "archive.")
-flags.DEFINE_string("out", os.path.join(_REPO_ROOT, "docs", "results.md"),
+flags.DEFINE_string("out", os.path.join(_REPO_ROOT, "docs",
+                                        "results_round1.md"),
                     "The report X.md; figures and summary.csv go to "
-                    "<its dir>/X/ (docs/results.md: docs/results/).")
+                    "<its dir>/X/ (docs/results_round1.md: "
+                    "docs/results_round1/).")
 flags.DEFINE_bool("only_report", False, "Train nothing; rebuild the report.")
 flags.DEFINE_integer("acting_iterations", 20, "Rollouts timed per agent by "
                      "the acting phase.")
@@ -987,6 +989,11 @@ def main(argv: Sequence[str]) -> None:
           print(f"acting {spec.env} {spec.agent}: "
                 f"{measure_acting(spec, _FLAGS.acting_iterations):,.0f} env "
                 f"steps/s", flush=True)
+  if os.path.exists(_FLAGS.out) and not any(map(completed_logdir, specs)):
+    # E.g. --only_report on a machine without the runs: a report of nothing
+    # would replace the one that exists.
+    raise ValueError(f"out: no complete run of this plan in --runs_dir or the "
+                     f"archive; {_FLAGS.out} is left as it is")
   shown = [a for a in sys.argv[1:]]
   write_report(specs, _FLAGS.out, shown)
   print(f"wrote {_FLAGS.out}", flush=True)

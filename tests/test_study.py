@@ -213,3 +213,21 @@ def test_claims_table_rows_hand_computed(study):
   rows = study.claims_table(aggs)
   assert "| asym worse than ald in env steps (asym / ald) | not run | - |" in (
       rows)
+
+
+def test_only_report_without_any_run_leaves_the_report_alone(tmp_path):
+  config_dir = tmp_path / "configs"
+  config_dir.mkdir()
+  (config_dir / "imaze.cfg").write_text(TINY_CFG)
+  out = tmp_path / "results.md"
+  out.write_text("a report of runs this machine does not have")
+  args = [sys.executable, STUDY_PY, f"--config_dir={config_dir}",
+          f"--runs_dir={tmp_path / 'runs'}", f"--out={out}", "--envs=imaze",
+          "--agents=lstm", "--seeds=0", "--sweep_env=", "--sizing=",
+          "--extra=", "--thresholds=imaze=success_rate:0.0", "--only_report"]
+  result = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          check=False)
+  assert result.returncode != 0
+  assert "no complete run of this plan" in result.stderr
+  assert out.read_text() == "a report of runs this machine does not have"
