@@ -109,6 +109,9 @@ flags.DEFINE_list("thresholds", ["imaze=success_rate:0.9",
                                  "metafetch=episode_return:10.0"],
                   "env=metric:value: the smoothed training metric that counts "
                   "as 'reached'.")
+flags.DEFINE_integer("min_window_episodes", 32, "Fewest finished episodes "
+                     "in a smoothing window for its row to count (fewer: no "
+                     "value, so never 'reached').")
 flags.DEFINE_integer("smooth_env_steps", 20_000, "Window (env steps) of the "
                      "episode-weighted smoothing of the training metric.")
 flags.DEFINE_string("config_dir", os.path.join(_REPO_ROOT, "experiments",
@@ -456,7 +459,7 @@ def load_metrics(logdir: str) -> Dict[str, np.ndarray]:
 
 
 def smoothed(env_steps: np.ndarray, values: np.ndarray, episodes: np.ndarray,
-             window: float) -> np.ndarray:
+             window: float, min_episodes: float = 1.0) -> np.ndarray:
   """Episode-weighted mean of `values` over rows in (x - window, x] per row x.
 
   Args:
@@ -464,9 +467,13 @@ def smoothed(env_steps: np.ndarray, values: np.ndarray, episodes: np.ndarray,
     values: float64 [N], a per-row mean over that row's episodes (NaN if none).
     episodes: float64 [N], episodes finished in each row's interval.
     window: env steps.
+    min_episodes: fewer finished episodes in a window give NaN. The first
+      rows of a run hold only the episodes that ended early, i.e. at a goal:
+      their success rate says nothing of the policy.
   Returns:
-    float64 [N]; NaN where the window holds no finished episode. Each row's own
-    interval is always included, whatever its length.
+    float64 [N]; NaN where the window holds fewer than `min_episodes`
+    finished episodes. Each row's own interval is always included, whatever
+    its length.
   """
   weights = np.where(np.isfinite(values), episodes, 0.0)
   filled = np.where(weights > 0, values, 0.0)
@@ -475,7 +482,7 @@ def smoothed(env_steps: np.ndarray, values: np.ndarray, episodes: np.ndarray,
     inside = (env_steps > x - window) & (env_steps <= x)
     inside[i] = True
     total = weights[inside].sum()
-    if total > 0:
+    if total > 0 and total >= min_episodes:
       out[i] = (weights[inside] * filled[inside]).sum() / total
   return out
 
@@ -517,7 +524,7 @@ def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
   metric, threshold = thresholds[spec.env]
   columns = load_metrics(logdir)
   curve = smoothed(columns["env_steps"], columns[metric],
-                   columns["episodes"], window)
+                   columns["episodes"], window, _FLAGS.min_window_episodes)
   index = first_reach(curve, threshold)
   with open(os.path.join(logdir, runner.EVAL_JSON)) as f:
     evaluation = json.load(f)
@@ -886,7 +893,8 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
       f"`log_every_seconds` of training) at which the training-episode metric, "
       f"averaged over all episodes finished in the trailing window of "
       f"{window:,} env steps ending at that row (the row's own interval always "
-      f"included), is >= the threshold. Env steps and wall-clock are that "
+      f"included; at least {_FLAGS.min_window_episodes} episodes, else the row "
+      f"does not count), is >= the threshold. Env steps and wall-clock are that "
       f"row's `env_steps` and `elapsed_s`.",
       "- Training metrics come from the stochastic acting policy; *greedy eval*"
       " is `eval.json`: 64 argmax episodes of the acting model on fresh seeds "

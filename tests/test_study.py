@@ -63,6 +63,10 @@ def test_smoothed_hand_computed(study):
   # Row 3 (x=40): rows x in (20, 40] -> (0 episodes at 30) + 2 at 0.5.
   # Row 1 (x=20): rows (0, 20] -> (2*0 + 6*1) / 8 = 0.75.
   np.testing.assert_allclose(got, [0.0, 0.75, 1.0, 0.5])
+  # At least 3 episodes: row 0 (2) and row 3 (2 in (20, 40]) give NaN; row 2
+  # (x=30, window (10, 30]: 6 at 1.0, its own row has none) stays.
+  got = study.smoothed(steps, values, episodes, window=20.0, min_episodes=3)
+  np.testing.assert_allclose(got, [np.nan, 0.75, 1.0, np.nan])
 
 
 def test_smoothed_matches_reference_and_row_always_included(study):
@@ -102,7 +106,8 @@ def test_tiny_study_end_to_end(tmp_path):
           f"--runs_dir={runs}", f"--out={out}",
           "--envs=imaze",
           "--agents=lstm", "--seeds=0", "--sweep_env=", "--sizing=", "--extra=",
-          "--thresholds=imaze=success_rate:0.0", "--phases=main,acting",
+          "--thresholds=imaze=success_rate:0.0", "--min_window_episodes=1",
+          "--phases=main,acting",
           "--acting_iterations=2"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   first = subprocess.run(args, capture_output=True, text=True, timeout=120,
