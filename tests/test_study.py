@@ -236,3 +236,19 @@ def test_only_report_without_any_run_leaves_the_report_alone(tmp_path):
   assert result.returncode != 0
   assert "no complete run of this plan" in result.stderr
   assert out.read_text() == "a report of runs this machine does not have"
+
+
+def test_the_run_archive_of_a_report_is_not_git_ignored():
+  """The archive is how a study continues on another machine: it must be
+  committable (a `runs/` ignore rule once swallowed it)."""
+  if shutil.which("git") is None or not os.path.isdir(
+      os.path.join(REPO_ROOT, ".git")):
+    pytest.skip("not a git checkout")
+  archived = os.path.join("docs", "some_report", "runs", "imaze-x-100",
+                          "ald-s0", "metrics.csv")
+  result = subprocess.run(["git", "check-ignore", "-q", archived],
+                          cwd=REPO_ROOT, check=False)
+  assert result.returncode == 1  # 1: not ignored
+  # The default logdir of run.py (runs/...) stays ignored.
+  assert subprocess.run(["git", "check-ignore", "-q", "runs/default/x"],
+                        cwd=REPO_ROOT, check=False).returncode == 0
