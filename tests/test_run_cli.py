@@ -129,6 +129,17 @@ def test_distributed_study_config_is_the_sync_one_plus_its_runtime(run,
           == sync["num_envs"])
 
 
+def test_ppo_study_config_is_the_sync_one_with_ppo(run):
+  """The round-2 V-MPO vs PPO comparison changes the RL loss and nothing else."""
+  def fields_of(folder):
+    path = os.path.join(REPO_ROOT, "experiments", "configs", folder,
+                        "imaze.cfg")
+    return dataclasses.asdict(run.parse_config(["study", f"--flagfile={path}"]))
+  vmpo, ppo = fields_of("study2"), fields_of("study2_ppo")
+  assert {k for k in vmpo if vmpo[k] != ppo[k]} == {"rl_loss", "logdir"}
+  assert (vmpo["rl_loss"], ppo["rl_loss"]) == ("vmpo", "ppo")
+
+
 def test_agents_of_one_env_differ_only_in_agent_and_logdir(run):
   by_env = {}
   for path in CONFIG_FILES:
