@@ -493,12 +493,33 @@ def first_reach(curve: np.ndarray, threshold: float) -> Optional[int]:
   return int(hits[0]) if hits.size else None
 
 
+def held_fraction(curve: np.ndarray, index: Optional[int],
+                  threshold: float) -> float:
+  """Share of the smoothed rows from the first reach on that are >= threshold.
+
+  A first crossing can be a noisy excursion: 1.0 means the run stayed at
+  the threshold, near 0 that it touched it once. Rows whose window is too
+  thin (NaN) are left out. NaN if the run never reached.
+
+  Args:
+    curve: float64 [N], `smoothed` values.
+    index: `first_reach(curve, threshold)`.
+    threshold: the level that counts as reached.
+  """
+  if index is None:
+    return math.nan
+  after = curve[index:]
+  after = after[np.isfinite(after)]
+  return float(np.mean(after >= threshold))
+
+
 class RunResult(NamedTuple):
   """What the report uses of one completed run (NaN: not reached/measured)."""
   spec: RunSpec
   reach_steps: float
   reach_s: float
   final_train: float
+  held_after_reach: float
   eval_success: float
   eval_return: float
   steps_per_s: float
@@ -544,6 +565,7 @@ def summarise(spec: RunSpec, thresholds: Dict[str, Tuple[str, float]],
       reach_steps=math.nan if index is None else steps[index],
       reach_s=math.nan if index is None else elapsed[index] - startup_s,
       final_train=float(curve[-1]),
+      held_after_reach=held_fraction(curve, index, threshold),
       eval_success=evaluation["eval_success_rate"],
       eval_return=evaluation["eval_return"],
       steps_per_s=float((steps[-1] - startup_steps) /
@@ -612,6 +634,7 @@ class Aggregate(NamedTuple):
   eval_success: Tuple[float, float]
   eval_return: Tuple[float, float]
   final_train: Tuple[float, float]
+  held_after_reach: float
   steps_per_s: float
   acting_steps_per_s: float
   compile_s: float
@@ -641,6 +664,7 @@ def aggregate(label: str, results: Sequence[RunResult]) -> Aggregate:
       eval_success=_mean_std([r.eval_success for r in results]),
       eval_return=_mean_std([r.eval_return for r in results]),
       final_train=_mean_std([r.final_train for r in results]),
+      held_after_reach=_mean_std([r.held_after_reach for r in results])[0],
       steps_per_s=_mean_std([r.steps_per_s for r in results])[0],
       acting_steps_per_s=_mean_std([r.acting_steps_per_s
                                     for r in results])[0],
@@ -675,19 +699,24 @@ def _reach_cells(agg: Aggregate) -> Tuple[str, str]:
   return steps, seconds
 
 
+def _held(fraction: float) -> str:
+  return "-" if not np.isfinite(fraction) else f"{fraction:.0%}"
+
+
 def results_table(aggs: Sequence[Aggregate], metric: str) -> List[str]:
   final_name = "success" if metric == "success_rate" else "return"
   lines = [
       f"| agent | reached | env steps to threshold | wall-clock s to "
-      f"threshold | censored mean steps / s | greedy eval success | greedy "
-      f"eval return | final train {final_name} | train env steps/s | acting "
-      f"env steps/s | compile s |",
-      "|---|---|---|---|---|---|---|---|---|---|---|"]
+      f"threshold | held after reach | censored mean steps / s | greedy eval "
+      f"success | greedy eval return | final train {final_name} | train env "
+      f"steps/s | acting env steps/s | compile s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for agg in aggs:
     steps, seconds = _reach_cells(agg)
     lines.append(
         f"| {agg.label} | {agg.num_reached}/{agg.num_runs} | {steps} | "
-        f"{seconds} | {_k(agg.censored_steps)} / {agg.censored_s:.1f} | "
+        f"{seconds} | {_held(agg.held_after_reach)} | "
+        f"{_k(agg.censored_steps)} / {agg.censored_s:.1f} | "
         f"{_pm(agg.eval_success)} | {_pm(agg.eval_return)} | "
         f"{_pm(agg.final_train)} | {agg.steps_per_s:,.0f} | "
         f"{_count(agg.acting_steps_per_s)} | {agg.compile_s:.0f} |")
@@ -895,7 +924,10 @@ def write_report(specs: Sequence[RunSpec], out: str, argv: Sequence[str]
       f"{window:,} env steps ending at that row (the row's own interval always "
       f"included; at least {_FLAGS.min_window_episodes} episodes, else the row "
       f"does not count), is >= the threshold. Env steps and wall-clock are that "
-      f"row's `env_steps` and `elapsed_s`.",
+      f"row's `env_steps` and `elapsed_s`. *Held after reach*: the share of "
+      f"the smoothed rows from that row on that stay >= the threshold (mean "
+      f"over the seeds that reached): a first crossing can be a brief "
+      f"excursion.",
       "- Training metrics come from the stochastic acting policy; *greedy eval*"
       " is `eval.json`: 64 argmax episodes of the acting model on fresh seeds "
       "after the budget.",

@@ -81,6 +81,15 @@ def test_smoothed_matches_reference_and_row_always_included(study):
         _reference_smoothed(steps, values, episodes, window))
 
 
+def test_held_fraction(study):
+  nan = np.nan
+  curve = np.array([0.2, 0.95, 0.8, nan, 0.9, 1.0])
+  # From index 1: 0.95 (held), 0.8 (not), NaN (left out), 0.9, 1.0 (held).
+  assert study.held_fraction(curve, study.first_reach(curve, 0.9), 0.9) == 0.75
+  assert study.held_fraction(curve, 4, 0.9) == 1.0
+  assert np.isnan(study.held_fraction(curve, None, 0.9))
+
+
 def test_first_reach(study):
   assert study.first_reach(np.array([np.nan, 0.5, 0.9, 0.2, 1.0]), 0.9) == 2
   assert study.first_reach(np.array([np.nan, 0.5]), 0.9) is None
@@ -157,7 +166,7 @@ def _aggregate(study, label, censored_steps, censored_s, reached=3, runs=3):
       steps_std=nan, seconds_mean=nan, seconds_std=nan,
       censored_steps=censored_steps, censored_s=censored_s,
       eval_success=(nan, nan), eval_return=(nan, nan), final_train=(nan, nan),
-      steps_per_s=nan, acting_steps_per_s=nan, compile_s=nan, kl_final=nan)
+      held_after_reach=nan, steps_per_s=nan, acting_steps_per_s=nan, compile_s=nan, kl_final=nan)
 
 
 @pytest.mark.parametrize(
