@@ -111,15 +111,18 @@ def test_study_config_file_parses_validates_and_names_its_env(run, path):
   assert run.build_env(config).num_actions >= 2
 
 
+def _study_config_fields(run, folder, env_name):
+  path = os.path.join(REPO_ROOT, "experiments", "configs", folder,
+                      f"{env_name}.cfg")
+  return dataclasses.asdict(run.parse_config(["study", f"--flagfile={path}"]))
+
+
 @pytest.mark.parametrize("env_name", ["imaze", "metafetch"])
 def test_distributed_study_config_is_the_sync_one_plus_its_runtime(run,
                                                                    env_name):
   """The round-2 sync vs distributed comparison holds everything else fixed."""
-  def fields_of(folder):
-    path = os.path.join(REPO_ROOT, "experiments", "configs", folder,
-                        f"{env_name}.cfg")
-    return dataclasses.asdict(run.parse_config(["study", f"--flagfile={path}"]))
-  sync, distributed = fields_of("study2"), fields_of("study2_distributed")
+  sync = _study_config_fields(run, "study2", env_name)
+  distributed = _study_config_fields(run, "study2_distributed", env_name)
   differing = {k for k in sync if sync[k] != distributed[k]}
   assert differing == {"runtime", "actor_inference", "logdir"}
   assert (distributed["runtime"], distributed["actor_inference"]) == (
@@ -131,11 +134,8 @@ def test_distributed_study_config_is_the_sync_one_plus_its_runtime(run,
 
 def test_ppo_study_config_is_the_sync_one_with_ppo(run):
   """The round-2 V-MPO vs PPO comparison changes the RL loss and nothing else."""
-  def fields_of(folder):
-    path = os.path.join(REPO_ROOT, "experiments", "configs", folder,
-                        "imaze.cfg")
-    return dataclasses.asdict(run.parse_config(["study", f"--flagfile={path}"]))
-  vmpo, ppo = fields_of("study2"), fields_of("study2_ppo")
+  vmpo = _study_config_fields(run, "study2", "imaze")
+  ppo = _study_config_fields(run, "study2_ppo", "imaze")
   assert {k for k in vmpo if vmpo[k] != ppo[k]} == {"rl_loss", "logdir"}
   assert (vmpo["rl_loss"], ppo["rl_loss"]) == ("vmpo", "ppo")
 
