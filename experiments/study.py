@@ -844,7 +844,8 @@ def _kept_analysis(out: str) -> str:
 
 def write_summary_csv(results: Sequence[RunResult], path: str) -> None:
   fields = ["group", "env", "env_args", "label", "agent", "seed", "budget",
-            "reach_steps", "reach_s", "final_train", "eval_success",
+            "reach_steps", "reach_s", "held_after_reach", "final_train",
+            "eval_success",
             "eval_return", "steps_per_s", "acting_steps_per_s", "compile_s",
             "train_wall_s", "kl_final"]
   with open(path, "w", newline="") as f:

@@ -132,6 +132,8 @@ def test_tiny_study_end_to_end(tmp_path):
   assert [(r["agent"], r["seed"], r["group"]) for r in rows] == [
       ("lstm", "0", "main")]
   assert float(rows[0]["reach_steps"]) > 0
+  # The run reached, so a share of its rows from then on held the threshold.
+  assert 0 < float(rows[0]["held_after_reach"]) <= 1
   assert (out.parent / "results" / "main_imaze_env_steps.png").exists()
   # The archive's default place: beside the report's figures.
   archived = out.parent / "results" / "runs" / "imaze-corridorlength1-200" / (
@@ -166,7 +168,8 @@ def _aggregate(study, label, censored_steps, censored_s, reached=3, runs=3):
       steps_std=nan, seconds_mean=nan, seconds_std=nan,
       censored_steps=censored_steps, censored_s=censored_s,
       eval_success=(nan, nan), eval_return=(nan, nan), final_train=(nan, nan),
-      held_after_reach=nan, steps_per_s=nan, acting_steps_per_s=nan, compile_s=nan, kl_final=nan)
+      held_after_reach=nan, steps_per_s=nan, acting_steps_per_s=nan,
+      compile_s=nan, kl_final=nan)
 
 
 @pytest.mark.parametrize(
